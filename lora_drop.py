@@ -110,7 +110,8 @@ class Attention(nn.Module):
         """Attend causally, or by `mask` (True = may attend), over x and any cached keys.
 
         rope: (cos, sin) rows for x's positions, or None (GPT-2).
-        kv: a callable that stores this step's keys/values and returns all stored ones.
+        kv: a callable that stores this step's keys/values and returns all stored ones, plus
+            the mask the new tokens need when they follow stored ones.
         """
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
@@ -122,7 +123,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:
-            k, v = kv(k, v)  # (B, n_kv_head, stored, head_dim)
+            k, v, kv_mask = kv(k, v)  # (B, n_kv_head, stored, head_dim)
+            mask = kv_mask if mask is None else mask
         # A single new token attends to everything stored, so it needs no mask.
         is_causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
@@ -200,9 +202,22 @@ class KVCache:
             self.v[layer][:, :, start:end] = v
             self.lengths[layer] = end
             self.positions[layer].extend(range(pos, pos + k.size(2)))
-            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+            mask = None
+            if k.size(2) > 1 and start > 0:
+                # Several new tokens after stored ones: each may attend to stored positions up to its own.
+                stored = torch.tensor(self.positions[layer], device=k.device)
+                mask = stored[None, :] <= stored[-k.size(2) :, None]  # (T, stored)
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask
 
         return write
+
+    def truncate(self, n_positions):
+        """Forget every stored position >= n_positions, so decoding can resume from there."""
+        for layer, positions in enumerate(self.positions):
+            keep = sum(p < n_positions for p in positions)
+            del positions[keep:]
+            self.lengths[layer] = keep
+        self.next_pos = min(self.next_pos, n_positions)
 
     def bytes_per_position(self):
         k = self.k[0]
@@ -471,16 +486,31 @@ class GPT(nn.Module):
         """Run every layer on the prompt idx (B, P), fill the cache; return last-position logits (B, vocab)."""
         if cache.next_pos != 0:
             raise RuntimeError("prefill needs an empty cache; allocate a new one with new_cache()")
-        return self._cached_forward(idx, cache, drop, lora_step=False)
+        return self.head(self._run_layers(idx, cache, drop, lora_step=False)[:, -1])
 
     @torch.no_grad()
-    def decode_step(self, token, cache, drop=None):
-        """Feed one token per row, token (B, 1); return the next-token logits (B, vocab)."""
-        cache.step += 1
-        lora_step = drop is not None and not drop.schedule.is_refresh(cache.step)
-        return self._cached_forward(token, cache, drop, lora_step)
+    def decode_step(self, token, cache, drop=None, refresh=None):
+        """Feed one token per row, token (B, 1); return the next-token logits (B, vocab).
 
-    def _cached_forward(self, idx, cache, drop, lora_step):
+        refresh: None lets the schedule decide; True or False forces a refresh or a LoRA step
+        (adaptive refresh decides from the previous step's output).
+        """
+        cache.step += 1
+        if refresh is None:
+            refresh = drop is None or drop.schedule.is_refresh(cache.step)
+        lora_step = drop is not None and not refresh
+        return self.head(self._run_layers(token, cache, drop, lora_step)[:, -1])
+
+    @torch.no_grad()
+    def extend(self, idx, cache, drop=None):
+        """Run every layer on idx (B, T) after the cached positions; return logits (B, T, vocab).
+
+        Verifying several drafted tokens in one pass uses this. It does not count decode steps.
+        """
+        return self.head(self._run_layers(idx, cache, drop, lora_step=False))
+
+    def _run_layers(self, idx, cache, drop, lora_step):
+        """Run the blocks on idx (B, T) at the cache's next positions; return the final residual stream."""
         T = idx.size(1)
         start = cache.next_pos
         self.check_length(start + T)
@@ -498,7 +528,7 @@ class GPT(nn.Module):
                 cache.anchors[i] = (x[:, -1:], out[:, -1:])
                 x = out
         cache.next_pos += T
-        return self.head(x[:, -1])
+        return x
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,240 @@
+"""
+Decode-speed benchmark: our plain decoding against Hugging Face `generate`, and
+LoRA-Drop against plain decoding, on the same model, prompt and token count, in one run.
+
+    python bench.py                          # embedded SmolLM2-135M-Instruct, CPU, float32, 128 new tokens
+    python bench.py --max-new-tokens 256 --repeats 5
+    python bench.py --skip-hf                # without transformers (it is a test-time dependency)
+    python bench.py --device cuda --dtype bfloat16 --json
+
+Decoding one token reads every weight once, so it is bound by memory bandwidth. Next to
+tokens per second the script prints the weight-read bandwidth (weight bytes read per token
+x tokens per second) and, as the machine's reference, the read bandwidth of summing one
+large tensor. Each configuration runs --repeats times, interleaved, after a warm-up; the
+median is reported. Figures go to stderr; --json prints one JSON object on stdout.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import generate as gen
+import lora_drop
+from lora_drop import generate
+
+
+def log(msg=""):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def weight_bytes_per_token(model, drop=None):
+    """Weight bytes one decode step reads: (refresh or plain step, LoRA step).
+
+    Every parameter is read once per step, except the token and position embeddings, of
+    which one row is read (the tied output head still reads the whole token matrix).
+    On a LoRA step the droppable blocks are not read, but their correctors are.
+    """
+    def nbytes(params):
+        return sum(p.numel() * p.element_size() for p in params)
+
+    unique = {id(p): p for p in model.parameters()}
+    total = nbytes(unique.values())
+    emb = model.tok_emb.weight
+    if not model.config.tie_embeddings:
+        total -= nbytes([emb]) - emb.size(1) * emb.element_size()
+    if hasattr(model, "pos_emb"):
+        total -= nbytes([model.pos_emb.weight]) - emb.size(1) * emb.element_size()
+    if drop is None:
+        return total, total
+    skipped = nbytes(p for i in drop.schedule.layers for p in model.blocks[i].parameters())
+    return total, total - skipped + nbytes(drop.parameters())
+
+
+def ideal_speedup(model, drop):
+    """Plain bytes per token over LoRA-Drop's mean bytes per decode step, over one refresh cycle."""
+    full, lora = weight_bytes_per_token(model, drop)
+    k = drop.schedule.period
+    return full / (((k - 1) * lora + full) / k)
+
+
+def sum_bandwidth(n_bytes=1 << 30, repeats=5, device="cpu"):
+    """Read bandwidth in GB/s of summing one large float32 tensor (best of `repeats`)."""
+    x = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x.sum()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return n_bytes / best / 1e9
+
+
+def time_ours(model, prompt_ids, n_new, drop=None):
+    """Return (end-to-end tok/s, decode tok/s, KV bytes) for one greedy generation of n_new tokens."""
+    sync = torch.cuda.synchronize if model.tok_emb.weight.is_cuda else (lambda: None)
+    cache = model.new_cache(1, len(prompt_ids) + n_new - 1, drop, len(prompt_ids))
+    sync()
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    for _ in generate(model, prompt_ids, n_new, drop, cache=cache):
+        n += 1
+        if t_first is None:
+            sync()
+            t_first = time.perf_counter()
+    sync()
+    t_end = time.perf_counter()
+    return n / (t_end - t0), (n - 1) / (t_end - t_first), cache.nbytes()
+
+
+def load_hf_reference(gguf_path, device, dtype):
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=dtype
+    )
+    return hf.to(device).eval()
+
+
+def time_hf(hf, prompt_ids, n_new):
+    """Return (end-to-end tok/s, decode tok/s) of Hugging Face greedy `generate` for n_new tokens."""
+    device = next(hf.parameters()).device
+    idx = torch.tensor([prompt_ids], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(n):
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+        sync()
+        assert out.size(1) == idx.size(1) + n
+        return time.perf_counter() - t0
+
+    t_one, t_all = run(1), run(n_new)
+    return n_new / t_all, (n_new - 1) / (t_all - t_one)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF file, HF directory or id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", default=gen.DEFAULT_PROMPT, help="prompt text, chat template applied")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per run (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, interleaved (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=sorted(gen.DTYPES), help="(default: %(default)s)")
+    p.add_argument("--ckpt", default=None, help="corrector checkpoint (default: the shipped one, if present)")
+    p.add_argument("--period", type=int, default=None, help="refresh period (default: 8 or the checkpoint's)")
+    p.add_argument("--layers", default=None, help="droppable-layer rule (default: the checkpoint's or 'default')")
+    p.add_argument("--skip-hf", action="store_true", help="do not time Hugging Face generate")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every figure on stdout")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    lora_drop.check_sampling(args.max_new_tokens, 0.0, None, None)
+
+    import pretrained
+
+    device = gen.pick_device(args.device)
+    dtype = gen.DTYPES[args.dtype]
+    torch.manual_seed(0)
+    model, tokenizer = pretrained.load_model(args.model, device=device, dtype=dtype)
+    model.eval()
+    drop_args = argparse.Namespace(no_drop=False, ckpt=args.ckpt, model=args.model, period=args.period,
+                                   layers=args.layers, reuse=None)
+    drop, source = gen.build_drop(model, drop_args, log)
+    prompt_ids = tokenizer.apply_chat_template(args.prompt) if tokenizer.has_chat_template else tokenizer.encode(args.prompt)
+    n = args.max_new_tokens
+    log(f"device {device}, {args.dtype}, {torch.get_num_threads()} threads, prompt {len(prompt_ids)} tokens, "
+        f"{n} new tokens, {args.repeats} runs each")
+
+    hf = None
+    if not args.skip_hf:
+        path = args.model or str(pretrained.default_gguf_path())
+        if not path.endswith(".gguf"):
+            raise ValueError("the Hugging Face comparison loads a GGUF file; pass --model FILE.gguf or --skip-hf")
+        hf = load_hf_reference(path, device, dtype)
+
+    # Warm up every path once, then interleave the timed runs so drift hits all alike.
+    time_ours(model, prompt_ids, 8)
+    time_ours(model, prompt_ids, 8, drop)
+    if hf is not None:
+        time_hf(hf, prompt_ids, 8)
+    runs = {"plain": [], "lora_drop": [], "hf": []}
+    for _ in range(args.repeats):
+        runs["plain"].append(time_ours(model, prompt_ids, n))
+        runs["lora_drop"].append(time_ours(model, prompt_ids, n, drop))
+        if hf is not None:
+            runs["hf"].append(time_hf(hf, prompt_ids, n))
+    bandwidth = sum_bandwidth(device=device)
+
+    def median(name, j):
+        return statistics.median(r[j] for r in runs[name])
+
+    full_bytes, lora_bytes = weight_bytes_per_token(model, drop)
+    k = drop.schedule.period
+    mean_drop_bytes = ((k - 1) * lora_bytes + full_bytes) / k
+    plain_tps, drop_tps = median("plain", 1), median("lora_drop", 1)
+    res = {
+        "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "new_tokens": n, "prompt_tokens": len(prompt_ids), "repeats": args.repeats,
+        "sum_read_gb_s": bandwidth,
+        "weight_bytes_per_token": full_bytes,
+        "plain_e2e_tokens_per_s": median("plain", 0),
+        "plain_decode_tokens_per_s": plain_tps,
+        "plain_weight_read_gb_s": full_bytes * plain_tps / 1e9,
+        "lora_drop_decode_tokens_per_s": drop_tps,
+        "lora_drop_weight_read_gb_s": mean_drop_bytes * drop_tps / 1e9,
+        "speedup": drop_tps / plain_tps,
+        "ideal_speedup": ideal_speedup(model, drop),
+        "kv_bytes_plain": runs["plain"][0][2],
+        "kv_bytes_lora_drop": runs["lora_drop"][0][2],
+        "schedule": {"layers": list(drop.schedule.layers), "period": k, "reuse": drop.schedule.reuse, "source": source},
+    }
+    res["kv_reduction"] = 1 - res["kv_bytes_lora_drop"] / res["kv_bytes_plain"]
+    res["plain_share_of_sum_bandwidth"] = res["plain_weight_read_gb_s"] / bandwidth
+    if hf is not None:
+        res["hf_e2e_tokens_per_s"] = median("hf", 0)
+        res["hf_decode_tokens_per_s"] = median("hf", 1)
+        res["ours_over_hf_e2e"] = res["plain_e2e_tokens_per_s"] / res["hf_e2e_tokens_per_s"]
+        res["ours_over_hf_decode"] = plain_tps / res["hf_decode_tokens_per_s"]
+
+    log(f"\nweights read per token: plain {full_bytes / 1e6:.0f} MB, LoRA step {lora_bytes / 1e6:.0f} MB; "
+        f"sum() reads {bandwidth:.1f} GB/s")
+    log(f"{'':22} {'e2e tok/s':>10} {'decode tok/s':>13} {'ms/token':>9} {'GB/s':>6}")
+    if hf is not None:
+        log(f"{'HF generate':22} {res['hf_e2e_tokens_per_s']:10.1f} {res['hf_decode_tokens_per_s']:13.1f} "
+            f"{1000 / res['hf_decode_tokens_per_s']:9.1f} {full_bytes * res['hf_decode_tokens_per_s'] / 1e9:6.1f}")
+    log(f"{'ours, plain':22} {res['plain_e2e_tokens_per_s']:10.1f} {plain_tps:13.1f} {1000 / plain_tps:9.1f} "
+        f"{res['plain_weight_read_gb_s']:6.1f}")
+    log(f"{'ours, LoRA-Drop':22} {median('lora_drop', 0):10.1f} {drop_tps:13.1f} {1000 / drop_tps:9.1f} "
+        f"{res['lora_drop_weight_read_gb_s']:6.1f}")
+    if hf is not None:
+        log(f"ours / HF: {res['ours_over_hf_e2e']:.2f}x end to end, {res['ours_over_hf_decode']:.2f}x decode")
+    log(f"plain weight reads reach {100 * res['plain_share_of_sum_bandwidth']:.0f}% of sum() bandwidth")
+    log(f"LoRA-Drop ({len(drop.schedule.layers)} of {model.config.n_layer} layers, period {k}, {source}): "
+        f"speedup {res['speedup']:.2f}x of an ideal {res['ideal_speedup']:.2f}x "
+        f"({100 * res['speedup'] / res['ideal_speedup']:.0f}% of ideal); "
+        f"KV cache {100 * res['kv_reduction']:.1f}% smaller")
+    if args.json:
+        print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,238 @@
+"""
+Generate text with the plain model or with LoRA-Drop decoding.
+
+    python generate.py                                   # embedded SmolLM2-135M-Instruct, shipped correctors
+    python generate.py --prompt "Why is the sky blue?" --max-new-tokens 200
+    python generate.py --temperature 0.8 --top-p 0.9 --seed 1
+    python generate.py --no-drop                         # plain decoding, every layer on every step
+    python generate.py --period 4 --layers fraction:0.5  # another schedule
+    python generate.py --compare --max-new-tokens 256    # plain vs LoRA-Drop: speed, KV bytes, agreement
+    python generate.py --model path/to/hf_dir --raw      # a Hugging Face GPT-2 or Llama checkpoint
+
+Only generated text goes to stdout, as it is generated; timing and diagnostics go to
+stderr. With --json the last stdout line is one JSON object for scripts.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import lora_drop
+from lora_drop import LoRADrop, Schedule, generate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CKPT = os.path.join(HERE, "checkpoints", "smollm2-135m-instruct.safetensors")
+DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (default: %(default)r)")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="number of tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 means greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens with this much probability")
+    p.add_argument("--seed", type=int, default=1337, help="random seed for sampling (default: %(default)s)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    p.add_argument("--model", default=None, help="GGUF file, Hugging Face directory or model id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", default=None, help="where the embedded model is cached (default: $LORA_DROP_CACHE or ~/.cache/lora-drop)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight and activation type (default: %(default)s)")
+    p.add_argument("--ckpt", default=None, help="corrector checkpoint (default: the shipped one for the embedded model, if present)")
+    p.add_argument("--period", type=int, default=None, help="refresh period k: every k-th decode step runs all layers (default: 8, or the checkpoint's)")
+    p.add_argument("--layers", default=None, help="droppable layers: 'default', '1,2,5', 'stride:S' or 'fraction:F' (default: the checkpoint's, or 'default')")
+    p.add_argument("--reuse", default=None, choices=lora_drop.REUSE_RULES, help="what a skipped layer reuses (default: state, or the checkpoint's)")
+    p.add_argument("--no-drop", action="store_true", help="plain decoding: run every layer on every step")
+    p.add_argument("--compare", action="store_true", help="run plain and LoRA-Drop decoding on the same prompt and compare them")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object as the last stdout line")
+    args = p.parse_args(argv)
+    if args.no_drop and args.compare:
+        p.error("--no-drop and --compare exclude each other: --compare already runs the plain model")
+    return args
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} requested but MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def build_drop(model, args, log):
+    """Return the LoRADrop to decode with (None for --no-drop) and a label for where it came from."""
+    if args.no_drop:
+        return None, "plain"
+    ckpt = args.ckpt
+    if ckpt is None and args.model is None and os.path.isfile(DEFAULT_CKPT):
+        ckpt = DEFAULT_CKPT
+    if ckpt is not None:
+        drop, meta = lora_drop.load_correctors(ckpt, model)
+        source = f"correctors from {os.path.relpath(ckpt)}"
+        if args.period or args.layers or args.reuse:
+            # Overriding the schedule keeps the trained correctors of layers that stay droppable.
+            base = drop.schedule
+            schedule = Schedule.make(
+                model.config.n_layer,
+                args.layers if args.layers is not None else list(base.layers),
+                args.period or base.period,
+                args.reuse or base.reuse,
+            )
+            trained = drop.correctors
+            drop = LoRADrop(model.config, schedule, rank=drop.rank, alpha=drop.alpha).to(model.tok_emb.weight)
+            for name, corrector in drop.correctors.items():
+                if name in trained:
+                    corrector.load_state_dict(trained[name].state_dict())
+            untrained = [n for n in drop.correctors if n not in trained]
+            if untrained:
+                log(f"note: layers {', '.join(untrained)} have no trained corrector in the checkpoint; they use zero correctors")
+        return drop, source
+    schedule = Schedule.make(model.config.n_layer, args.layers, args.period or 8, args.reuse or "state")
+    log(
+        "warning: no corrector checkpoint, so the correctors are untrained (zero) and quality will suffer; "
+        "train them with train_correctors.py and pass --ckpt"
+    )
+    return LoRADrop(model.config, schedule).to(model.tok_emb.weight), "zero correctors"
+
+
+def run_generation(model, tokenizer, prompt_ids, args, drop, stream=None, stop_ids=()):
+    """Generate once; return a dict with the ids, text, timing and KV-cache bytes."""
+    generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
+    cache = model.new_cache(1, len(prompt_ids) + args.max_new_tokens - 1, drop, len(prompt_ids))
+    sync = torch.cuda.synchronize if model.tok_emb.weight.is_cuda else (lambda: None)
+    ids, printed = [], ""
+    t0 = time.perf_counter()
+    t_first = None
+    for token in generate(model, prompt_ids, args.max_new_tokens, drop, args.temperature, args.top_k,
+                          args.top_p, generator, stop_ids, cache):
+        if t_first is None:
+            sync()
+            t_first = time.perf_counter()
+        ids.append(token)
+        if stream is not None:
+            text = tokenizer.decode(ids)
+            if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+                stream.write(text[len(printed):])
+                stream.flush()
+                printed = text
+    sync()
+    t_end = time.perf_counter()
+    n_decode = len(ids) - 1
+    text = tokenizer.decode(ids)
+    if stream is not None and text != printed:
+        stream.write(text[len(printed):])
+    if stream is not None:
+        stream.write("\n")
+        stream.flush()
+    lora_steps = 0
+    if drop is not None:
+        lora_steps = sum(not drop.schedule.is_refresh(j) for j in range(1, n_decode + 1))
+    return {
+        "ids": ids,
+        "text": text,
+        "new_tokens": len(ids),
+        "prefill_ms": 1000 * (t_first - t0),
+        "decode_tokens_per_s": n_decode / (t_end - t_first) if n_decode else float("nan"),
+        "kv_bytes": cache.nbytes(),
+        "kv_bytes_all_positions": cache.full_nbytes(),
+        "lora_step_share": lora_steps / n_decode if n_decode else 0.0,
+    }
+
+
+def agreement(ids, reference):
+    """Share of positions where two generations have the same token (over the longer one)."""
+    n = max(len(ids), len(reference))
+    return sum(a == b for a, b in zip(ids, reference)) / n if n else 1.0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    lora_drop.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+
+    import pretrained
+
+    model, tokenizer = pretrained.load_model(args.model, device=device, dtype=DTYPES[args.dtype], cache_dir=args.cache_dir)
+    model.eval()
+    drop, source = build_drop(model, args, log)
+    if args.raw or not tokenizer.has_chat_template:
+        prompt_ids = tokenizer.encode(args.prompt)
+    else:
+        prompt_ids = tokenizer.apply_chat_template(args.prompt)
+    model.check_length(len(prompt_ids) + args.max_new_tokens)
+    stop_ids = () if (args.ignore_eos or args.compare) else tuple(tokenizer.eos_ids)
+    if drop is not None:
+        s = drop.schedule
+        log(f"LoRA-Drop: {len(s.layers)} of {model.config.n_layer} layers droppable, period {s.period}, reuse {s.reuse}, {source}")
+
+    if not args.compare:
+        result = run_generation(model, tokenizer, prompt_ids, args, drop, stream=sys.stdout, stop_ids=stop_ids)
+        log(
+            f"prompt {len(prompt_ids)} tokens, prefill {result['prefill_ms']:.1f} ms; "
+            f"{result['new_tokens']} new tokens, decode {result['decode_tokens_per_s']:.1f} tok/s; "
+            f"KV cache {result['kv_bytes'] / 2**20:.2f} MiB"
+        )
+        if args.json:
+            summary = {k: v for k, v in result.items() if k != "ids"}
+            summary["mode"] = "plain" if drop is None else "lora-drop"
+            print(json.dumps(summary))
+        return summary if args.json else result
+
+    # --compare: warm up once, then time plain and LoRA-Drop decoding of the same number of tokens.
+    log("--compare decodes exactly --max-new-tokens tokens in both runs, ignoring end-of-sequence")
+    warm = argparse.Namespace(**{**vars(args), "max_new_tokens": min(8, args.max_new_tokens)})
+    run_generation(model, tokenizer, prompt_ids, warm, None)
+    run_generation(model, tokenizer, prompt_ids, warm, drop)
+    plain = run_generation(model, tokenizer, prompt_ids, args, None)
+    dropped = run_generation(model, tokenizer, prompt_ids, args, drop)
+    summary = {
+        "plain": {k: v for k, v in plain.items() if k != "ids"},
+        "lora_drop": {k: v for k, v in dropped.items() if k != "ids"},
+        "speedup": dropped["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
+        "kv_reduction": 1 - dropped["kv_bytes"] / plain["kv_bytes"],
+        "agreement": agreement(dropped["ids"], plain["ids"]),
+        "lora_step_share": dropped["lora_step_share"],
+    }
+    print("=== plain ===")
+    print(plain["text"])
+    print("=== LoRA-Drop ===")
+    print(dropped["text"])
+    log(f"{'':12} {'tok/s':>8} {'KV MiB':>8}")
+    log(f"{'plain':12} {plain['decode_tokens_per_s']:8.1f} {plain['kv_bytes'] / 2**20:8.2f}")
+    log(f"{'LoRA-Drop':12} {dropped['decode_tokens_per_s']:8.1f} {dropped['kv_bytes'] / 2**20:8.2f}")
+    log(
+        f"speedup {summary['speedup']:.2f}x, KV cache {100 * summary['kv_reduction']:.1f}% smaller, "
+        f"{100 * summary['lora_step_share']:.1f}% of decode steps were LoRA steps, "
+        f"{100 * summary['agreement']:.1f}% of tokens equal to the plain model's"
+    )
+    if args.json:
+        print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
