@@ -24,6 +24,7 @@ import torch
 
 import generate as gen
 import lora_drop
+import pretrained
 from lora_drop import generate
 
 
@@ -144,8 +145,6 @@ def main(argv=None):
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     lora_drop.check_sampling(args.max_new_tokens, 0.0, None, None)
 
-    import pretrained
-
     device = gen.pick_device(args.device)
     dtype = gen.DTYPES[args.dtype]
     torch.manual_seed(0)
@@ -235,6 +234,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, pretrained.DefaultModelUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

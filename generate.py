@@ -22,6 +22,7 @@ import time
 import torch
 
 import lora_drop
+import pretrained
 from lora_drop import LoRADrop, Schedule, generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -118,7 +119,8 @@ def run_generation(model, tokenizer, prompt_ids, args, drop, stream=None, stop_i
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
     cache = model.new_cache(1, len(prompt_ids) + args.max_new_tokens - 1, drop, len(prompt_ids))
     sync = torch.cuda.synchronize if model.tok_emb.weight.is_cuda else (lambda: None)
-    ids, printed = [], ""
+    ids = []
+    pieces = tokenizer.stream_decoder()
     t0 = time.perf_counter()
     t_first = None
     for token in generate(model, prompt_ids, args.max_new_tokens, drop, args.temperature, args.top_k,
@@ -128,19 +130,14 @@ def run_generation(model, tokenizer, prompt_ids, args, drop, stream=None, stop_i
             t_first = time.perf_counter()
         ids.append(token)
         if stream is not None:
-            text = tokenizer.decode(ids)
-            if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
-                stream.write(text[len(printed):])
-                stream.flush()
-                printed = text
+            stream.write(pieces.push(token))  # holds back a multi-byte character until it is complete
+            stream.flush()
     sync()
     t_end = time.perf_counter()
     n_decode = len(ids) - 1
     text = tokenizer.decode(ids)
-    if stream is not None and text != printed:
-        stream.write(text[len(printed):])
     if stream is not None:
-        stream.write("\n")
+        stream.write(pieces.flush() + "\n")
         stream.flush()
     lora_steps = 0
     if drop is not None:
@@ -169,8 +166,6 @@ def main(argv=None):
     lora_drop.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-
-    import pretrained
 
     model, tokenizer = pretrained.load_model(args.model, device=device, dtype=DTYPES[args.dtype], cache_dir=args.cache_dir)
     model.eval()
@@ -233,6 +228,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, pretrained.DefaultModelUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

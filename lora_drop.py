@@ -212,7 +212,11 @@ class KVCache:
         return write
 
     def truncate(self, n_positions):
-        """Forget every stored position >= n_positions, so decoding can resume from there."""
+        """Forget every stored position >= n_positions, so decoding can resume from there.
+
+        NOTE: `step` and the droppable layers' anchors are left as they are; a caller that
+        resumes LoRA-Drop decoding after a truncate must set them (lossless.py does).
+        """
         for layer, positions in enumerate(self.positions):
             keep = sum(p < n_positions for p in positions)
             del positions[keep:]
@@ -253,7 +257,9 @@ def parse_layers(rule, n_layer):
     if rule is None or rule == "default":
         return default_droppable(n_layer)
     if isinstance(rule, (list, tuple)):
-        return tuple(int(i) for i in rule)
+        if not all(isinstance(i, int) for i in rule):
+            raise ValueError(f"invalid droppable-layer list {rule!r}: give integer layer indices")
+        return tuple(rule)
     rule = str(rule).strip()
     kind, _, value = rule.partition(":")
     try:
@@ -495,6 +501,8 @@ class GPT(nn.Module):
         refresh: None lets the schedule decide; True or False forces a refresh or a LoRA step
         (adaptive refresh decides from the previous step's output).
         """
+        if cache.next_pos == 0:
+            raise RuntimeError("decode_step needs a prefilled cache; call prefill() on the prompt first")
         cache.step += 1
         if refresh is None:
             refresh = drop is None or drop.schedule.is_refresh(cache.step)
@@ -502,14 +510,17 @@ class GPT(nn.Module):
         return self.head(self._run_layers(token, cache, drop, lora_step)[:, -1])
 
     @torch.no_grad()
-    def extend(self, idx, cache, drop=None):
+    def extend(self, idx, cache, drop=None, chunk_anchors=None):
         """Run every layer on idx (B, T) after the cached positions; return logits (B, T, vocab).
 
         Verifying several drafted tokens in one pass uses this. It does not count decode steps.
+        chunk_anchors: a dict that, when given, receives each droppable layer's input and output
+        at every position of idx, each (B, T, n_embd), so that a caller can move the anchors to
+        a position inside the chunk (lossless.py keeps only the accepted drafts).
         """
-        return self.head(self._run_layers(idx, cache, drop, lora_step=False))
+        return self.head(self._run_layers(idx, cache, drop, lora_step=False, chunk_anchors=chunk_anchors))
 
-    def _run_layers(self, idx, cache, drop, lora_step):
+    def _run_layers(self, idx, cache, drop, lora_step, chunk_anchors=None):
         """Run the blocks on idx (B, T) at the cache's next positions; return the final residual stream."""
         T = idx.size(1)
         start = cache.next_pos
@@ -526,6 +537,8 @@ class GPT(nn.Module):
             else:
                 out = block(x, rope, kv=cache.writer(i, start))
                 cache.anchors[i] = (x[:, -1:], out[:, -1:])
+                if chunk_anchors is not None:
+                    chunk_anchors[i] = (x, out)
                 x = out
         cache.next_pos += T
         return x
@@ -556,7 +569,7 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 def check_sampling(max_new_tokens, temperature, top_k, top_p):
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"invalid max_new_tokens {max_new_tokens!r}: it must be an integer >= 1")
-    if temperature < 0:
+    if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"invalid temperature {temperature}: it must be >= 0 (0 means greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"invalid top_k {top_k}: it must be >= 1, or unset")
@@ -574,9 +587,18 @@ def generate(model, prompt, max_new_tokens, drop=None, temperature=0.0, top_k=No
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     device = model.tok_emb.weight.device
-    idx = torch.as_tensor(prompt, dtype=torch.long, device=device).view(1, -1)
+    idx = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    if idx.dim() > 2 or (idx.dim() == 2 and idx.size(0) != 1):
+        raise ValueError(f"the prompt has shape {tuple(idx.shape)}; give one prompt, a list of ids or a (1, P) tensor")
+    idx = idx.view(1, -1)
     if idx.size(1) < 1:
         raise ValueError("the prompt is empty; give at least one token")
+    out_of_vocab = idx[(idx < 0) | (idx >= model.config.vocab_size)]
+    if out_of_vocab.numel():
+        raise ValueError(
+            f"prompt token id {int(out_of_vocab[0])} is outside the vocabulary (ids 0..{model.config.vocab_size - 1}); "
+            "encode the prompt with this model's tokenizer"
+        )
     # The last generated token is never fed back, so the cache needs P + max_new_tokens - 1 slots.
     n_total = idx.size(1) + max_new_tokens
     model.check_length(n_total)
@@ -630,6 +652,7 @@ def save_correctors(path, drop, model, model_name=""):
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp creates the file private (0600); a checkpoint is meant to be shared
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
     finally:
         if os.path.exists(tmp):
@@ -655,6 +678,9 @@ def load_correctors(path, model, device=None):
         raise ValueError(f"{path} is not a readable corrector checkpoint (truncated or corrupt?): {err}") from None
     if meta.get("format") != "lora-drop-correctors/1":
         raise ValueError(f"{path} is not a lora-drop corrector checkpoint (no 'format' entry in its metadata)")
+    missing = [key for key in ("schedule", "rank", "alpha", "base_fingerprint") if key not in meta]
+    if missing:
+        raise ValueError(f"{path} is missing the metadata entries {', '.join(missing)}; save it again with save_correctors()")
     expected = weights_fingerprint(model)
     if meta["base_fingerprint"] != expected:
         raise ValueError(
@@ -664,6 +690,11 @@ def load_correctors(path, model, device=None):
         )
     schedule = Schedule(**{**json.loads(meta["schedule"]), "layers": tuple(json.loads(meta["schedule"])["layers"])})
     drop = LoRADrop(model.config, schedule, rank=int(meta["rank"]), alpha=float(meta["alpha"]))
-    drop.correctors.load_state_dict(tensors, strict=True)
+    try:
+        drop.correctors.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path}: the corrector tensors do not match its metadata (rank {meta['rank']}, layers {list(schedule.layers)}): {err}"
+        ) from None
     p = model.tok_emb.weight
     return drop.to(device or p.device, p.dtype), meta
