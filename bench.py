@@ -6,6 +6,9 @@ LoRA-Drop against plain decoding, on the same model, prompt and token count, in 
     python bench.py --max-new-tokens 256 --repeats 5
     python bench.py --skip-hf                # without transformers (it is a test-time dependency)
     python bench.py --device cuda --dtype bfloat16 --json
+    python bench.py --extra-modes none       # only plain and fixed-period LoRA-Drop (and HF)
+    python bench.py --lossless-suite         # lossless greedy against plain greedy on 24 varied prompts
+    python bench.py --adaptive-eval          # adaptive refresh against fixed periods at equal refresh rates
 
 Decoding one token reads every weight once, so it is bound by memory bandwidth. Next to
 tokens per second the script prints the weight-read bandwidth (weight bytes read per token
@@ -22,8 +25,10 @@ import time
 
 import torch
 
+import adaptive
 import generate as gen
 import lora_drop
+import lossless
 import pretrained
 from lora_drop import generate
 
@@ -96,6 +101,41 @@ def time_ours(model, prompt_ids, n_new, drop=None):
     return n / (t_end - t0), (n - 1) / (t_end - t_first), cache.nbytes()
 
 
+def time_mode(model, prompt_ids, n_new, drop, mode, policy=None):
+    """Return (end-to-end tok/s, decode tok/s, KV bytes, stats) for one greedy run of "lossless" or "adaptive"."""
+    sync = torch.cuda.synchronize if model.tok_emb.weight.is_cuda else (lambda: None)
+    P = len(prompt_ids)
+    if mode == "lossless":
+        cache, stats = model.new_cache(1, P + n_new, drop=None), lossless.LosslessStats()
+        tokens = lossless.generate_lossless(model, prompt_ids, n_new, drop, cache=cache, stats=stats)
+    else:
+        cache, stats = model.new_cache(1, P + n_new - 1, drop=None), adaptive.AdaptiveStats()
+        tokens = adaptive.generate_adaptive(model, prompt_ids, n_new, drop, policy, cache=cache, stats=stats)
+    sync()
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    for _ in tokens:
+        n += 1
+        if t_first is None:
+            sync()
+            t_first = time.perf_counter()
+    sync()
+    t_end = time.perf_counter()
+    return n / (t_end - t0), (n - 1) / (t_end - t_first), cache.nbytes(), stats
+
+
+def run_adaptive_eval(model, tokenizer, drop, args):
+    """Teacher-forced quality of adaptive refresh against fixed periods on held-out text (see adaptive.py)."""
+    tokens = adaptive.heldout_sequences(tokenizer, args.eval_sequences, args.eval_length, model.config.max_seq_len)
+    tokens = tokens.to(model.tok_emb.weight.device)
+    max_interval = args.max_interval or drop.schedule.period
+    log(f"held-out text: {args.eval_sequences} sequences of {args.eval_length} tokens from pydoc_data.topics, "
+        f"prompt {args.eval_prompt_len} tokens; adaptive max interval {max_interval}")
+    return adaptive.compare_with_fixed(model, drop, tokens, args.eval_prompt_len, args.eval_thresholds, max_interval,
+                                       periods=range(1, 2 * max_interval + 1), log=log)
+
+
 def load_hf_reference(gguf_path, device, dtype):
     import os
 
@@ -139,10 +179,47 @@ def main(argv=None):
     p.add_argument("--period", type=int, default=None, help="refresh period (default: 8 or the checkpoint's)")
     p.add_argument("--layers", default=None, help="droppable-layer rule (default: the checkpoint's or 'default')")
     p.add_argument("--skip-hf", action="store_true", help="do not time Hugging Face generate")
+    p.add_argument("--extra-modes", default="lossless,adaptive",
+                   help="modes timed in the same loop next to plain and fixed-period LoRA-Drop, comma-separated: "
+                        "lossless, adaptive, or none (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=adaptive.AdaptiveRefresh.threshold,
+                   help="adaptive refresh: top-1 probability in [0, 1] at or below which the next step refreshes (default: %(default)s)")
+    p.add_argument("--max-interval", type=int, default=None,
+                   help="adaptive refresh: maximum number of decode steps between refresh steps (default: the refresh period)")
+    p.add_argument("--lossless-suite", action="store_true",
+                   help="instead of the timing loop, run lossless and plain greedy decoding on 24 prompts")
+    p.add_argument("--suite-tokens", type=int, default=64, help="tokens per prompt for --lossless-suite (default: %(default)s)")
+    p.add_argument("--adaptive-eval", action="store_true",
+                   help="instead of the timing loop, compare adaptive refresh with fixed periods on held-out text")
+    p.add_argument("--eval-thresholds", default="0.3,0.5,0.7,0.9",
+                   help="thresholds for --adaptive-eval, comma-separated (default: %(default)s)")
+    p.add_argument("--eval-sequences", type=int, default=4, help="held-out sequences for --adaptive-eval (default: %(default)s)")
+    p.add_argument("--eval-length", type=int, default=128, help="tokens per held-out sequence (default: %(default)s)")
+    p.add_argument("--eval-prompt-len", type=int, default=32,
+                   help="tokens of each held-out sequence fed by prefill; the rest are decode steps (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object with every figure on stdout")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
+    modes = [] if args.extra_modes.strip() == "none" else [m.strip() for m in args.extra_modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ("lossless", "adaptive")]
+    if unknown:
+        p.error(f"unknown mode {unknown[0]!r} in --extra-modes: use lossless, adaptive, or none")
+    if not 0 <= args.threshold <= 1:
+        p.error(f"invalid --threshold {args.threshold}: it must be a top-1 probability in [0, 1]")
+    if args.max_interval is not None and args.max_interval < 1:
+        p.error(f"invalid --max-interval {args.max_interval}: it must be at least 1 decode step")
+    if args.suite_tokens < 1:
+        p.error(f"invalid --suite-tokens {args.suite_tokens}: it must be >= 1")
+    try:
+        args.eval_thresholds = [float(t) for t in args.eval_thresholds.split(",")]
+    except ValueError:
+        p.error(f"invalid --eval-thresholds {args.eval_thresholds!r}: give numbers in [0, 1] separated by commas")
+    if not all(0 <= t <= 1 for t in args.eval_thresholds):
+        p.error(f"invalid --eval-thresholds {args.eval_thresholds}: every threshold must be in [0, 1]")
+    if args.eval_sequences < 1 or not 1 <= args.eval_prompt_len <= args.eval_length - 2:
+        p.error(f"invalid held-out sizes: --eval-sequences must be >= 1 (got {args.eval_sequences}) and "
+                f"--eval-prompt-len from 1 to --eval-length - 2 (got {args.eval_prompt_len} and {args.eval_length})")
     lora_drop.check_sampling(args.max_new_tokens, 0.0, None, None)
 
     device = gen.pick_device(args.device)
@@ -154,6 +231,17 @@ def main(argv=None):
                                    layers=args.layers, reuse=None)
     drop, source = gen.build_drop(model, drop_args, log)
     prompt_ids = tokenizer.apply_chat_template(args.prompt) if tokenizer.has_chat_template else tokenizer.encode(args.prompt)
+    if args.lossless_suite:
+        res = lossless.run_prompt_suite(model, tokenizer, drop, args.suite_tokens, log=log)
+        if args.json:
+            print(json.dumps(res))
+        return res
+    if args.adaptive_eval:
+        res = run_adaptive_eval(model, tokenizer, drop, args)
+        if args.json:
+            print(json.dumps(res))
+        return res
+    policy = adaptive.AdaptiveRefresh(args.threshold, args.max_interval or drop.schedule.period)
     n = args.max_new_tokens
     log(f"device {device}, {args.dtype}, {torch.get_num_threads()} threads, prompt {len(prompt_ids)} tokens, "
         f"{n} new tokens, {args.repeats} runs each")
@@ -170,10 +258,14 @@ def main(argv=None):
     time_ours(model, prompt_ids, 8, drop)
     if hf is not None:
         time_hf(hf, prompt_ids, 8)
-    runs = {"plain": [], "lora_drop": [], "hf": []}
+    for mode in modes:
+        time_mode(model, prompt_ids, 8, drop, mode, policy)
+    runs = {"plain": [], "lora_drop": [], "hf": [], "lossless": [], "adaptive": []}
     for _ in range(args.repeats):
         runs["plain"].append(time_ours(model, prompt_ids, n))
         runs["lora_drop"].append(time_ours(model, prompt_ids, n, drop))
+        for mode in modes:
+            runs[mode].append(time_mode(model, prompt_ids, n, drop, mode, policy))
         if hf is not None:
             runs["hf"].append(time_hf(hf, prompt_ids, n))
     bandwidth = sum_bandwidth(device=device)
@@ -208,6 +300,15 @@ def main(argv=None):
         res["hf_decode_tokens_per_s"] = median("hf", 1)
         res["ours_over_hf_e2e"] = res["plain_e2e_tokens_per_s"] / res["hf_e2e_tokens_per_s"]
         res["ours_over_hf_decode"] = plain_tps / res["hf_decode_tokens_per_s"]
+    for mode in modes:
+        res[f"{mode}_e2e_tokens_per_s"] = median(mode, 0)
+        res[f"{mode}_decode_tokens_per_s"] = median(mode, 1)
+        res[f"{mode}_speedup"] = median(mode, 1) / plain_tps
+        res[f"kv_bytes_{mode}"] = runs[mode][0][2]
+        # Greedy decoding repeats the same tokens and decisions, so every run has the same counts.
+        res[f"{mode}_stats"] = runs[mode][0][3].summary()
+    if "adaptive" in modes:
+        res["adaptive_policy"] = {"threshold": policy.threshold, "max_interval": policy.max_interval}
 
     log(f"\nweights read per token: plain {full_bytes / 1e6:.0f} MB, LoRA step {lora_bytes / 1e6:.0f} MB; "
         f"sum() reads {bandwidth:.1f} GB/s")
@@ -219,6 +320,9 @@ def main(argv=None):
         f"{res['plain_weight_read_gb_s']:6.1f}")
     log(f"{'ours, LoRA-Drop':22} {median('lora_drop', 0):10.1f} {drop_tps:13.1f} {1000 / drop_tps:9.1f} "
         f"{res['lora_drop_weight_read_gb_s']:6.1f}")
+    for mode in modes:
+        tps = res[f"{mode}_decode_tokens_per_s"]
+        log(f"{'ours, ' + mode:22} {res[f'{mode}_e2e_tokens_per_s']:10.1f} {tps:13.1f} {1000 / tps:9.1f}")
     if hf is not None:
         log(f"ours / HF: {res['ours_over_hf_e2e']:.2f}x end to end, {res['ours_over_hf_decode']:.2f}x decode")
     log(f"plain weight reads reach {100 * res['plain_share_of_sum_bandwidth']:.0f}% of sum() bandwidth")
@@ -226,6 +330,15 @@ def main(argv=None):
         f"speedup {res['speedup']:.2f}x of an ideal {res['ideal_speedup']:.2f}x "
         f"({100 * res['speedup'] / res['ideal_speedup']:.0f}% of ideal); "
         f"KV cache {100 * res['kv_reduction']:.1f}% smaller")
+    if "lossless" in modes:
+        s = res["lossless_stats"]
+        log(f"lossless greedy: speedup {res['lossless_speedup']:.2f}x, acceptance rate {s['acceptance_rate']:.2f}, "
+            f"{s['tokens_per_cycle']:.2f} tokens per cycle of {k - 1} drafts; the KV cache stores every position")
+    if "adaptive" in modes:
+        s = res["adaptive_stats"]
+        log(f"adaptive refresh (threshold {policy.threshold}, max interval {policy.max_interval}): "
+            f"speedup {res['adaptive_speedup']:.2f}x, mean refresh interval {s['mean_refresh_interval']:.2f} steps "
+            f"against the fixed period {k}; KV cache {100 * (1 - res['kv_bytes_adaptive'] / res['kv_bytes_plain']):.1f}% smaller")
     if args.json:
         print(json.dumps(res))
     return res

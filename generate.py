@@ -7,6 +7,8 @@ Generate text with the plain model or with LoRA-Drop decoding.
     python generate.py --no-drop                         # plain decoding, every layer on every step
     python generate.py --period 4 --layers fraction:0.5  # another schedule
     python generate.py --compare --max-new-tokens 256    # plain vs LoRA-Drop: speed, KV bytes, agreement
+    python generate.py --lossless                        # LoRA steps draft, the full model verifies: plain output
+    python generate.py --refresh adaptive --threshold 0.5 --max-interval 8   # refresh when the model is unsure
     python generate.py --model path/to/hf_dir --raw      # a Hugging Face GPT-2 or Llama checkpoint
 
 Only generated text goes to stdout, as it is generated; timing and diagnostics go to
@@ -21,7 +23,9 @@ import time
 
 import torch
 
+import adaptive
 import lora_drop
+import lossless
 import pretrained
 from lora_drop import LoRADrop, Schedule, generate
 
@@ -50,11 +54,36 @@ def parse_args(argv=None):
     p.add_argument("--layers", default=None, help="droppable layers: 'default', '1,2,5', 'stride:S' or 'fraction:F' (default: the checkpoint's, or 'default')")
     p.add_argument("--reuse", default=None, choices=lora_drop.REUSE_RULES, help="what a skipped layer reuses (default: state, or the checkpoint's)")
     p.add_argument("--no-drop", action="store_true", help="plain decoding: run every layer on every step")
+    p.add_argument("--lossless", action="store_true",
+                   help="LoRA steps draft period - 1 tokens, then one full pass verifies them: the full model's "
+                        "output (greedy) or distribution (sampling), without LoRA-Drop's KV-cache saving")
+    p.add_argument("--refresh", default="fixed", choices=("fixed", "adaptive"),
+                   help="fixed: every period-th step is a refresh step; adaptive: refresh after a step whose "
+                        "top-1 probability is at or below --threshold, or after --max-interval steps (default: fixed)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"adaptive refresh: top-1 probability in [0, 1] at or below which the next step is a refresh "
+                        f"step; 1 refreshes every step, 0 never (default: {adaptive.AdaptiveRefresh.threshold})")
+    p.add_argument("--max-interval", type=int, default=None,
+                   help="adaptive refresh: maximum number of decode steps between two refresh steps (default: the refresh period)")
     p.add_argument("--compare", action="store_true", help="run plain and LoRA-Drop decoding on the same prompt and compare them")
     p.add_argument("--json", action="store_true", help="print one JSON summary object as the last stdout line")
     args = p.parse_args(argv)
     if args.no_drop and args.compare:
         p.error("--no-drop and --compare exclude each other: --compare already runs the plain model")
+
+    # Lossless mode and adaptive refresh
+    if args.no_drop and args.lossless:
+        p.error("--lossless drafts tokens with LoRA steps, so it cannot run with --no-drop; remove one of the two")
+    if args.no_drop and args.refresh == "adaptive":
+        p.error("--refresh adaptive chooses between LoRA and refresh steps, so it cannot run with --no-drop; remove one of the two")
+    if args.lossless and args.refresh == "adaptive":
+        p.error("--lossless and --refresh adaptive exclude each other: in lossless mode every verification pass is a refresh")
+    if args.refresh != "adaptive" and (args.threshold is not None or args.max_interval is not None):
+        p.error("--threshold and --max-interval apply only to adaptive refresh; add --refresh adaptive")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        p.error(f"invalid --threshold {args.threshold}: it must be a top-1 probability in [0, 1]")
+    if args.max_interval is not None and args.max_interval < 1:
+        p.error(f"invalid --max-interval {args.max_interval}: it must be at least 1 decode step")
     return args
 
 
@@ -114,17 +143,36 @@ def build_drop(model, args, log):
     return LoRADrop(model.config, schedule).to(model.tok_emb.weight), "zero correctors"
 
 
+def start_decoding(model, prompt_ids, args, drop, generator, stop_ids):
+    """Return (token iterator, KV cache, stats or None) for the mode args select; drop=None decodes plainly.
+
+    Lossless mode and adaptive refresh allocate every layer's cache at full capacity: lossless
+    stores every position, and adaptive refresh cannot know its refresh steps in advance.
+    """
+    n, P = args.max_new_tokens, len(prompt_ids)
+    sampling = (args.temperature, args.top_k, args.top_p, generator, stop_ids)
+    if drop is not None and args.lossless:
+        cache, stats = model.new_cache(1, P + n, drop=None), lossless.LosslessStats()
+        return lossless.generate_lossless(model, prompt_ids, n, drop, *sampling, cache, stats), cache, stats
+    if drop is not None and args.refresh == "adaptive":
+        threshold = adaptive.AdaptiveRefresh.threshold if args.threshold is None else args.threshold
+        policy = adaptive.AdaptiveRefresh(threshold, args.max_interval or drop.schedule.period)
+        cache, stats = model.new_cache(1, P + n - 1, drop=None), adaptive.AdaptiveStats()
+        return adaptive.generate_adaptive(model, prompt_ids, n, drop, policy, *sampling, cache, stats), cache, stats
+    cache = model.new_cache(1, P + n - 1, drop, P)
+    return generate(model, prompt_ids, n, drop, *sampling, cache), cache, None
+
+
 def run_generation(model, tokenizer, prompt_ids, args, drop, stream=None, stop_ids=()):
     """Generate once; return a dict with the ids, text, timing and KV-cache bytes."""
     generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(args.seed)
-    cache = model.new_cache(1, len(prompt_ids) + args.max_new_tokens - 1, drop, len(prompt_ids))
+    tokens, cache, stats = start_decoding(model, prompt_ids, args, drop, generator, stop_ids)
     sync = torch.cuda.synchronize if model.tok_emb.weight.is_cuda else (lambda: None)
     ids = []
     pieces = tokenizer.stream_decoder()
     t0 = time.perf_counter()
     t_first = None
-    for token in generate(model, prompt_ids, args.max_new_tokens, drop, args.temperature, args.top_k,
-                          args.top_p, generator, stop_ids, cache):
+    for token in tokens:
         if t_first is None:
             sync()
             t_first = time.perf_counter()
@@ -139,10 +187,16 @@ def run_generation(model, tokenizer, prompt_ids, args, drop, stream=None, stop_i
     if stream is not None:
         stream.write(pieces.flush() + "\n")
         stream.flush()
-    lora_steps = 0
-    if drop is not None:
-        lora_steps = sum(not drop.schedule.is_refresh(j) for j in range(1, n_decode + 1))
-    return {
+
+    lora_step_share = 0.0
+    if isinstance(stats, lossless.LosslessStats):
+        # Share of forward passes that were LoRA steps: each cycle runs its drafts and one verification pass.
+        lora_step_share = stats.drafted / max(1, stats.drafted + stats.cycles)
+    elif isinstance(stats, adaptive.AdaptiveStats):
+        lora_step_share = 1 - stats.refresh_rate if stats.decode_steps else 0.0
+    elif drop is not None and n_decode:
+        lora_step_share = sum(not drop.schedule.is_refresh(j) for j in range(1, n_decode + 1)) / n_decode
+    result = {
         "ids": ids,
         "text": text,
         "new_tokens": len(ids),
@@ -150,14 +204,35 @@ def run_generation(model, tokenizer, prompt_ids, args, drop, stream=None, stop_i
         "decode_tokens_per_s": n_decode / (t_end - t_first) if n_decode else float("nan"),
         "kv_bytes": cache.nbytes(),
         "kv_bytes_all_positions": cache.full_nbytes(),
-        "lora_step_share": lora_steps / n_decode if n_decode else 0.0,
+        "lora_step_share": lora_step_share,
     }
+    if stats is not None:
+        result.update(stats.summary())
+    return result
 
 
 def agreement(ids, reference):
     """Share of positions where two generations have the same token (over the longer one)."""
     n = max(len(ids), len(reference))
     return sum(a == b for a, b in zip(ids, reference)) / n if n else 1.0
+
+
+def decoding_mode(args, drop):
+    if drop is None:
+        return "plain"
+    if args.lossless:
+        return "lossless"
+    return "adaptive" if args.refresh == "adaptive" else "lora-drop"
+
+
+def log_mode_stats(result, log):
+    """Log lossless mode's acceptance figures or adaptive refresh's refresh rate, when the result has them."""
+    if "acceptance_rate" in result:
+        log(f"lossless: {result['cycles']} cycles, acceptance rate {result['acceptance_rate']:.2f}, "
+            f"{result['tokens_per_cycle']:.2f} tokens per cycle")
+    if "refresh_rate" in result:
+        log(f"adaptive refresh: {result['refresh_steps']} refresh steps in {result['decode_steps']} decode steps "
+            f"({result['signal_refreshes']} chosen by the signal), mean interval {result['mean_refresh_interval']:.2f}")
 
 
 def main(argv=None):
@@ -179,6 +254,11 @@ def main(argv=None):
     if drop is not None:
         s = drop.schedule
         log(f"LoRA-Drop: {len(s.layers)} of {model.config.n_layer} layers droppable, period {s.period}, reuse {s.reuse}, {source}")
+        if args.lossless:
+            log(f"lossless mode: {s.period - 1} LoRA drafts per cycle, verified by one pass of the full model")
+        elif args.refresh == "adaptive":
+            threshold = adaptive.AdaptiveRefresh.threshold if args.threshold is None else args.threshold
+            log(f"adaptive refresh: top-1 probability <= {threshold}, or {args.max_interval or s.period} steps since the last refresh")
 
     if not args.compare:
         result = run_generation(model, tokenizer, prompt_ids, args, drop, stream=sys.stdout, stop_ids=stop_ids)
@@ -187,9 +267,10 @@ def main(argv=None):
             f"{result['new_tokens']} new tokens, decode {result['decode_tokens_per_s']:.1f} tok/s; "
             f"KV cache {result['kv_bytes'] / 2**20:.2f} MiB"
         )
+        log_mode_stats(result, log)
         if args.json:
             summary = {k: v for k, v in result.items() if k != "ids"}
-            summary["mode"] = "plain" if drop is None else "lora-drop"
+            summary["mode"] = decoding_mode(args, drop)
             print(json.dumps(summary))
         return summary if args.json else result
 
@@ -210,8 +291,10 @@ def main(argv=None):
     }
     print("=== plain ===")
     print(plain["text"])
-    print("=== LoRA-Drop ===")
+    mode = decoding_mode(args, drop)
+    print("=== LoRA-Drop ===" if mode == "lora-drop" else f"=== LoRA-Drop, {mode} ===")
     print(dropped["text"])
+    log_mode_stats(dropped, log)
     log(f"{'':12} {'tok/s':>8} {'KV MiB':>8}")
     log(f"{'plain':12} {plain['decode_tokens_per_s']:8.1f} {plain['kv_bytes'] / 2**20:8.2f}")
     log(f"{'LoRA-Drop':12} {dropped['decode_tokens_per_s']:8.1f} {dropped['kv_bytes'] / 2**20:8.2f}")
