@@ -385,13 +385,23 @@ class GPT(nn.Module):
             config.n_embd, config.norm_eps
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
         if config.arch == "llama":
             cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        self.apply(self._column_major)
+        if config.tie_embeddings:
+            self.tok_emb.weight = self.lm_head.weight  # one matrix: the embedding and the output head
+
+    @staticmethod
+    def _column_major(module):
+        # Keep each (out, in) weight's shape but store it column-major, i.e. as a contiguous
+        # (in, out) matrix. A decode step is a vector-matrix product per weight, and on the x86
+        # CPUs we measured, PyTorch's float32 product reads this layout about 1.5-2x faster
+        # (bench.py prints the resulting weight-read GB/s). Loading with copy_ keeps the layout.
+        if isinstance(module, nn.Linear):
+            module.weight = nn.Parameter(module.weight.detach().t().contiguous().t())
 
     @staticmethod
     def _init_weights(module):
