@@ -9,6 +9,7 @@ LoRA-Drop against plain decoding, on the same model, prompt and token count, in 
     python bench.py --extra-modes none       # only plain and fixed-period LoRA-Drop (and HF)
     python bench.py --lossless-suite         # lossless greedy against plain greedy on 24 varied prompts
     python bench.py --adaptive-eval          # adaptive refresh against fixed periods at equal refresh rates
+    python bench.py --quality                # perplexity, top-1 agreement and KL against the full model (sweep.py)
 
 Decoding one token reads every weight once, so it is bound by memory bandwidth. Next to
 tokens per second the script prints the weight-read bandwidth (weight bytes read per token
@@ -193,10 +194,18 @@ def main(argv=None):
                    help="instead of the timing loop, compare adaptive refresh with fixed periods on held-out text")
     p.add_argument("--eval-thresholds", default="0.3,0.5,0.7,0.9",
                    help="thresholds for --adaptive-eval, comma-separated (default: %(default)s)")
-    p.add_argument("--eval-sequences", type=int, default=4, help="held-out sequences for --adaptive-eval (default: %(default)s)")
-    p.add_argument("--eval-length", type=int, default=128, help="tokens per held-out sequence (default: %(default)s)")
-    p.add_argument("--eval-prompt-len", type=int, default=32,
-                   help="tokens of each held-out sequence fed by prefill; the rest are decode steps (default: %(default)s)")
+    p.add_argument("--quality", action="store_true",
+                   help="instead of the timing loop, print a table of perplexity, top-1 agreement and KL against the "
+                        "full model on held-out text, for plain skipping, zero correctors and trained correctors")
+    p.add_argument("--data", default=None, help="--quality: UTF-8 text file to measure on, plain text or JSON lines "
+                   "with a \"text\" field (default: Python's pydoc_data.topics)")
+    p.add_argument("--eval-sequences", type=int, default=None,
+                   help="held-out sequences (default: 4 for --adaptive-eval, 16 for --quality)")
+    p.add_argument("--eval-length", type=int, default=None,
+                   help="tokens per held-out sequence (default: 128 for --adaptive-eval, 256 for --quality)")
+    p.add_argument("--eval-prompt-len", type=int, default=None,
+                   help="tokens of each held-out sequence fed by prefill; the rest are decode steps (default: 32 for "
+                        "--adaptive-eval; for --quality, four lengths from a quarter to half of --eval-length)")
     p.add_argument("--json", action="store_true", help="print one JSON object with every figure on stdout")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -217,9 +226,28 @@ def main(argv=None):
         p.error(f"invalid --eval-thresholds {args.eval_thresholds!r}: give numbers in [0, 1] separated by commas")
     if not all(0 <= t <= 1 for t in args.eval_thresholds):
         p.error(f"invalid --eval-thresholds {args.eval_thresholds}: every threshold must be in [0, 1]")
-    if args.eval_sequences < 1 or not 1 <= args.eval_prompt_len <= args.eval_length - 2:
-        p.error(f"invalid held-out sizes: --eval-sequences must be >= 1 (got {args.eval_sequences}) and "
-                f"--eval-prompt-len from 1 to --eval-length - 2 (got {args.eval_prompt_len} and {args.eval_length})")
+    if args.quality and (args.adaptive_eval or args.lossless_suite):
+        p.error("--quality excludes --adaptive-eval and --lossless-suite; choose one")
+    if args.data is not None and not args.quality:
+        p.error("--data applies only to --quality; add --quality")
+    if args.quality:
+        import sweep  # sweep.py imports this file, so it is imported only where it is used
+
+        args.eval_sequences = sweep.EVAL_SEQUENCES if args.eval_sequences is None else args.eval_sequences
+        args.eval_length = sweep.EVAL_LENGTH if args.eval_length is None else args.eval_length
+        try:
+            sweep.check_eval_sizes(args.eval_sequences, args.eval_length, args.eval_prompt_len)
+            if args.data is not None:
+                sweep.check_data_file(args.data)
+        except (ValueError, FileNotFoundError) as err:
+            p.error(str(err))
+    else:
+        args.eval_sequences = 4 if args.eval_sequences is None else args.eval_sequences
+        args.eval_length = 128 if args.eval_length is None else args.eval_length
+        args.eval_prompt_len = 32 if args.eval_prompt_len is None else args.eval_prompt_len
+        if args.eval_sequences < 1 or not 1 <= args.eval_prompt_len <= args.eval_length - 2:
+            p.error(f"invalid held-out sizes: --eval-sequences must be >= 1 (got {args.eval_sequences}) and "
+                    f"--eval-prompt-len from 1 to --eval-length - 2 (got {args.eval_prompt_len} and {args.eval_length})")
     lora_drop.check_sampling(args.max_new_tokens, 0.0, None, None)
 
     device = gen.pick_device(args.device)
@@ -233,6 +261,13 @@ def main(argv=None):
     prompt_ids = tokenizer.apply_chat_template(args.prompt) if tokenizer.has_chat_template else tokenizer.encode(args.prompt)
     if args.lossless_suite:
         res = lossless.run_prompt_suite(model, tokenizer, drop, args.suite_tokens, log=log)
+        if args.json:
+            print(json.dumps(res))
+        return res
+    if args.quality:
+        trained = drop if source != "zero correctors" else None  # build_drop's label when no checkpoint was found
+        res = sweep.run_quality(model, tokenizer, drop.schedule, trained, source, args.data, args.eval_sequences,
+                                args.eval_length, args.eval_prompt_len, log=log)
         if args.json:
             print(json.dumps(res))
         return res
