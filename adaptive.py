@@ -44,8 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lora_drop import LoRADrop, Schedule, check_sampling, sample_next
-from lossless import prompt_tensor
+from lora_drop import LoRADrop, Schedule, check_sampling, prompt_tensor, sample_next
 
 
 @dataclass(frozen=True)

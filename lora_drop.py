@@ -137,7 +137,7 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = config.arch == "llama"
         bias = config.arch == "gpt2"
-        # For SwiGLU, `up` holds the gate and up projections stacked: [gate; up].
+        # For SwiGLU, `up` stacks the gate and up projections as [gate; up].
         n_up = 2 * config.hidden_dim if self.swiglu else config.hidden_dim
         self.up = nn.Linear(config.n_embd, n_up, bias=bias)
         self.down = nn.Linear(config.hidden_dim, config.n_embd, bias=bias)
@@ -173,7 +173,7 @@ class KVCache:
 
     A droppable layer writes only prompt and refresh positions, so its buffer can be
     shorter than the others: `capacity[i]` sets layer i's size. `positions[i]` lists
-    the absolute positions layer i has stored, in order. The cache also holds the
+    the absolute positions layer i has stored, in order. The cache also stores the
     decoding state: the next position, the decode step, and each droppable layer's
     anchor (its input and output at the last position where it ran in full).
     """
@@ -558,22 +558,26 @@ class GPT(nn.Module):
 # Generation
 
 
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token (B, 1) from logits (B, vocab): greedy when temperature == 0."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+def sampling_probs(logits, temperature, top_k=None, top_p=None):
+    """Return the distribution (B, vocab) to sample from: logits / temperature, then top-k, then top-p."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-        remove = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        remove = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+    return logits.softmax(dim=-1)
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token (B, 1) from logits (B, vocab): greedy when temperature == 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator)
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p):
@@ -587,6 +591,26 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"invalid top_p {top_p}: it must be in (0, 1], or unset")
 
 
+def prompt_tensor(model, prompt):
+    """Return the prompt (list of ids or (1, P) tensor) as a (1, P) long tensor on the model's device.
+
+    Raises ValueError for an empty prompt, several prompts, or ids outside the vocabulary.
+    """
+    idx = torch.as_tensor(prompt, dtype=torch.long, device=model.tok_emb.weight.device)
+    if idx.dim() > 2 or (idx.dim() == 2 and idx.size(0) != 1):
+        raise ValueError(f"the prompt has shape {tuple(idx.shape)}; give one prompt, a list of ids or a (1, P) tensor")
+    idx = idx.view(1, -1)
+    if idx.size(1) < 1:
+        raise ValueError("the prompt is empty; give at least one token")
+    bad = idx[(idx < 0) | (idx >= model.config.vocab_size)]
+    if bad.numel():
+        raise ValueError(
+            f"prompt token id {int(bad[0])} is outside the vocabulary (ids 0..{model.config.vocab_size - 1}); "
+            "encode the prompt with this model's tokenizer"
+        )
+    return idx
+
+
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, drop=None, temperature=0.0, top_k=None, top_p=None,
              generator=None, stop_ids=(), cache=None):
@@ -596,19 +620,7 @@ def generate(model, prompt, max_new_tokens, drop=None, temperature=0.0, top_k=No
     (from model.new_cache) to inspect the KV cache afterwards.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    device = model.tok_emb.weight.device
-    idx = torch.as_tensor(prompt, dtype=torch.long, device=device)
-    if idx.dim() > 2 or (idx.dim() == 2 and idx.size(0) != 1):
-        raise ValueError(f"the prompt has shape {tuple(idx.shape)}; give one prompt, a list of ids or a (1, P) tensor")
-    idx = idx.view(1, -1)
-    if idx.size(1) < 1:
-        raise ValueError("the prompt is empty; give at least one token")
-    out_of_vocab = idx[(idx < 0) | (idx >= model.config.vocab_size)]
-    if out_of_vocab.numel():
-        raise ValueError(
-            f"prompt token id {int(out_of_vocab[0])} is outside the vocabulary (ids 0..{model.config.vocab_size - 1}); "
-            "encode the prompt with this model's tokenizer"
-        )
+    idx = prompt_tensor(model, prompt)
     # The last generated token is never fed back, so the cache needs P + max_new_tokens - 1 slots.
     n_total = idx.size(1) + max_new_tokens
     model.check_length(n_total)

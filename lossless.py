@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_drop import check_sampling, generate
+from lora_drop import check_sampling, generate, prompt_tensor, sampling_probs
 
 
 @dataclass
@@ -76,45 +76,6 @@ class LosslessStats:
             "acceptance_rate": self.acceptance_rate,
             "tokens_per_cycle": self.tokens_per_cycle,
         }
-
-
-def prompt_tensor(model, prompt):
-    """Return the prompt (list of ids or (1, P) tensor) as a (1, P) long tensor on the model's device.
-
-    Raises ValueError for an empty prompt, several prompts, or ids outside the vocabulary.
-    """
-    idx = torch.as_tensor(prompt, dtype=torch.long, device=model.tok_emb.weight.device)
-    if idx.dim() > 2 or (idx.dim() == 2 and idx.size(0) != 1):
-        raise ValueError(f"the prompt has shape {tuple(idx.shape)}; give one prompt, a list of ids or a (1, P) tensor")
-    idx = idx.view(1, -1)
-    if idx.size(1) < 1:
-        raise ValueError("the prompt is empty; give at least one token")
-    bad = idx[(idx < 0) | (idx >= model.config.vocab_size)]
-    if bad.numel():
-        raise ValueError(
-            f"prompt token id {int(bad[0])} is outside the vocabulary (ids 0..{model.config.vocab_size - 1}); "
-            "encode the prompt with this model's tokenizer"
-        )
-    return idx
-
-
-def sampling_probs(logits, temperature, top_k=None, top_p=None):
-    """Return the distribution (B, vocab) that `lora_drop.sample_next` samples from, for temperature > 0.
-
-    The steps and their order match sample_next exactly (a test checks that both draw the same
-    tokens), so the draft and the full distribution are filtered the way plain sampling filters them.
-    """
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-        remove = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    return logits.softmax(dim=-1)
 
 
 def accept_drafts(drafts, draft_probs, target_logits, temperature, top_k=None, top_p=None, generator=None):
