@@ -6,8 +6,29 @@ wheel from the package index pip is configured with.
 """
 
 import pytest
+import torch
 
 import pretrained
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module on one intra-op thread.
+
+    Tiny models gain nothing from threads. On a 2-core machine shared with other jobs, two
+    threads made test_lora_drop.py about 8x slower than one (106 s against 13 s).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_grad():
+    """Run a test without autograd."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="session")

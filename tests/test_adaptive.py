@@ -32,20 +32,7 @@ from adaptive import (  # noqa: E402
 from lora_drop import generate  # noqa: E402
 from test_lossless import FAMILIES, VOCAB, FakeTokenizer, random_drop, random_prompt, tiny_model  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decode tiny models on one thread: with other processes on the cores, two threads run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread", "no_grad")
 
 
 def random_sequences(batch_size, length, seed):

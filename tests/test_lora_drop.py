@@ -40,21 +40,7 @@ FAMILIES = {
     "llama-qkv-bias": dict(arch="llama", n_kv_head=2, qkv_bias=True),
 }
 
-
-@pytest.fixture(autouse=True)
-def no_grad():
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are too small to gain from intra-op threads. On a 2-core machine shared
-    # with other jobs, two threads made this file about 8x slower than one (106 s against 13 s).
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_grad")
 
 
 def make_model(family="llama", seed=0, n_layer=N_LAYER):

@@ -27,20 +27,7 @@ from lossless import LosslessStats, accept_drafts, generate_lossless, run_prompt
 VOCAB = 97
 FAMILIES = {"gpt2": dict(arch="gpt2"), "llama": dict(arch="llama", n_kv_head=2)}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decode tiny models on one thread: with other processes on the cores, two threads run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread", "no_grad")
 
 
 def tiny_model(family="llama", seed=0, vocab=VOCAB, n_layer=6, n_embd=64, n_head=4, max_seq_len=128, std=0.08):

@@ -19,14 +19,7 @@ from lora_drop import GPT, Config, LoRADrop, Schedule, save_correctors  # noqa: 
 
 N_LAYER = 6
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny model gains nothing from intra-op threads, and they slow it down on a busy 2-core machine.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,39 +14,8 @@ import lora_drop
 import pretrained
 import sweep
 import train_correctors as tc
-from lora_drop import GPT, Config, LoRADrop, Schedule
-
-EOS, BOS, SEP = 256, 257, 258
-
-
-class ByteTokenizer:
-    """Bytes are token ids 0..255, and three special ids follow. The chat format is BOS, the first
-    ten bytes of the prompt, SEP, so that every seed prompt fits a short training sequence."""
-
-    eos_ids = frozenset({EOS})
-    bos_id = BOS
-    has_chat_template = True
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, user_prompt, system=None):
-        return [BOS, *self.encode(user_prompt)[:10], SEP]
-
-
-def tiny_model(seed=0):
-    """A 4-layer Llama-style GPT with weights scaled up from the default initialisation, so that its
-    next-token distributions are peaked and dropping a layer changes them noticeably."""
-    torch.manual_seed(seed)
-    model = GPT(Config(arch="llama", vocab_size=259, n_layer=4, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=64))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(6.0)
-    return model
+from lora_drop import LoRADrop, Schedule
+from test_train import ByteTokenizer, tiny_model  # the same byte tokenizer and tiny model as the training tests
 
 
 def random_drop(model, layers="1,2", period=4, seed=1):
