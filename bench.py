@@ -102,13 +102,14 @@ def time_ours(model, prompt_ids, n_new, drop=None):
     return n / (t_end - t0), (n - 1) / (t_end - t_first), cache.nbytes()
 
 
-def time_mode(model, prompt_ids, n_new, drop, mode, policy=None):
+def time_mode(model, prompt_ids, n_new, drop, mode, policy=None, adaptive_drafts=False):
     """Return (end-to-end tok/s, decode tok/s, KV bytes, stats) for one greedy run of "lossless" or "adaptive"."""
     sync = torch.cuda.synchronize if model.tok_emb.weight.is_cuda else (lambda: None)
     P = len(prompt_ids)
     if mode == "lossless":
         cache, stats = model.new_cache(1, P + n_new, drop=None), lossless.LosslessStats()
-        tokens = lossless.generate_lossless(model, prompt_ids, n_new, drop, cache=cache, stats=stats)
+        tokens = lossless.generate_lossless(model, prompt_ids, n_new, drop, cache=cache, stats=stats,
+                                            adaptive_drafts=adaptive_drafts)
     else:
         cache, stats = model.new_cache(1, P + n_new - 1, drop=None), adaptive.AdaptiveStats()
         tokens = adaptive.generate_adaptive(model, prompt_ids, n_new, drop, policy, cache=cache, stats=stats)
@@ -189,6 +190,8 @@ def main(argv=None):
                    help="adaptive refresh: maximum number of decode steps between refresh steps (default: the refresh period)")
     p.add_argument("--lossless-suite", action="store_true",
                    help="instead of the timing loop, run lossless and plain greedy decoding on 24 prompts")
+    p.add_argument("--adaptive-drafts", action="store_true",
+                   help="lossless mode and --lossless-suite: adapt the number of drafts per cycle to the acceptance (see lossless.py)")
     p.add_argument("--suite-tokens", type=int, default=64, help="tokens per prompt for --lossless-suite (default: %(default)s)")
     p.add_argument("--adaptive-eval", action="store_true",
                    help="instead of the timing loop, compare adaptive refresh with fixed periods on held-out text")
@@ -260,7 +263,7 @@ def main(argv=None):
     drop, source = gen.build_drop(model, drop_args, log)
     prompt_ids = tokenizer.apply_chat_template(args.prompt) if tokenizer.has_chat_template else tokenizer.encode(args.prompt)
     if args.lossless_suite:
-        res = lossless.run_prompt_suite(model, tokenizer, drop, args.suite_tokens, log=log)
+        res = lossless.run_prompt_suite(model, tokenizer, drop, args.suite_tokens, log=log, adaptive_drafts=args.adaptive_drafts)
         if args.json:
             print(json.dumps(res))
         return res
@@ -294,13 +297,13 @@ def main(argv=None):
     if hf is not None:
         time_hf(hf, prompt_ids, 8)
     for mode in modes:
-        time_mode(model, prompt_ids, 8, drop, mode, policy)
+        time_mode(model, prompt_ids, 8, drop, mode, policy, args.adaptive_drafts)
     runs = {"plain": [], "lora_drop": [], "hf": [], "lossless": [], "adaptive": []}
     for _ in range(args.repeats):
         runs["plain"].append(time_ours(model, prompt_ids, n))
         runs["lora_drop"].append(time_ours(model, prompt_ids, n, drop))
         for mode in modes:
-            runs[mode].append(time_mode(model, prompt_ids, n, drop, mode, policy))
+            runs[mode].append(time_mode(model, prompt_ids, n, drop, mode, policy, args.adaptive_drafts))
         if hf is not None:
             runs["hf"].append(time_hf(hf, prompt_ids, n))
     bandwidth = sum_bandwidth(device=device)
@@ -368,7 +371,8 @@ def main(argv=None):
     if "lossless" in modes:
         s = res["lossless_stats"]
         log(f"lossless greedy: speedup {res['lossless_speedup']:.2f}x, acceptance rate {s['acceptance_rate']:.2f}, "
-            f"{s['tokens_per_cycle']:.2f} tokens per cycle of {k - 1} drafts; the KV cache stores every position")
+            f"{s['tokens_per_cycle']:.2f} tokens per cycle of "
+            f"{'0 to ' if args.adaptive_drafts else ''}{k - 1} drafts; the KV cache stores every position")
     if "adaptive" in modes:
         s = res["adaptive_stats"]
         log(f"adaptive refresh (threshold {policy.threshold}, max interval {policy.max_interval}): "

@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--lossless", action="store_true",
                    help="LoRA steps draft period - 1 tokens, then one full pass verifies them: the full model's "
                         "output (greedy) or distribution (sampling), without LoRA-Drop's KV-cache saving")
+    p.add_argument("--adaptive-drafts", action="store_true",
+                   help="with --lossless: draft fewer tokens, or none, while drafts are rejected, so a weak drafter "
+                        "costs about what plain decoding costs (see lossless.py)")
     p.add_argument("--refresh", default="fixed", choices=("fixed", "adaptive"),
                    help="fixed: every period-th step is a refresh step; adaptive: refresh after a step whose "
                         "top-1 probability is at or below --threshold, or after --max-interval steps (default: fixed)")
@@ -78,6 +81,8 @@ def parse_args(argv=None):
         p.error("--refresh adaptive chooses between LoRA and refresh steps, so it cannot run with --no-drop; remove one of the two")
     if args.lossless and args.refresh == "adaptive":
         p.error("--lossless and --refresh adaptive exclude each other: in lossless mode every verification pass is a refresh")
+    if args.adaptive_drafts and not args.lossless:
+        p.error("--adaptive-drafts sets the draft length of lossless mode; add --lossless")
     if args.refresh != "adaptive" and (args.threshold is not None or args.max_interval is not None):
         p.error("--threshold and --max-interval apply only to adaptive refresh; add --refresh adaptive")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
@@ -153,7 +158,8 @@ def start_decoding(model, prompt_ids, args, drop, generator, stop_ids):
     sampling = (args.temperature, args.top_k, args.top_p, generator, stop_ids)
     if drop is not None and args.lossless:
         cache, stats = model.new_cache(1, P + n, drop=None), lossless.LosslessStats()
-        return lossless.generate_lossless(model, prompt_ids, n, drop, *sampling, cache, stats), cache, stats
+        tokens = lossless.generate_lossless(model, prompt_ids, n, drop, *sampling, cache, stats, args.adaptive_drafts)
+        return tokens, cache, stats
     if drop is not None and args.refresh == "adaptive":
         threshold = adaptive.AdaptiveRefresh.threshold if args.threshold is None else args.threshold
         policy = adaptive.AdaptiveRefresh(threshold, args.max_interval or drop.schedule.period)
@@ -229,7 +235,7 @@ def log_mode_stats(result, log):
     """Log lossless mode's acceptance figures or adaptive refresh's refresh rate, when the result has them."""
     if "acceptance_rate" in result:
         log(f"lossless: {result['cycles']} cycles, acceptance rate {result['acceptance_rate']:.2f}, "
-            f"{result['tokens_per_cycle']:.2f} tokens per cycle")
+            f"{result['tokens_per_cycle']:.2f} tokens per cycle, {result['undrafted']} cycles without drafts")
     if "refresh_rate" in result:
         log(f"adaptive refresh: {result['refresh_steps']} refresh steps in {result['decode_steps']} decode steps "
             f"({result['signal_refreshes']} chosen by the signal), mean interval {result['mean_refresh_interval']:.2f}")
@@ -255,7 +261,8 @@ def main(argv=None):
         s = drop.schedule
         log(f"LoRA-Drop: {len(s.layers)} of {model.config.n_layer} layers droppable, period {s.period}, reuse {s.reuse}, {source}")
         if args.lossless:
-            log(f"lossless mode: {s.period - 1} LoRA drafts per cycle, verified by one pass of the full model")
+            drafts = f"0 to {s.period - 1} (adaptive)" if args.adaptive_drafts else f"{s.period - 1}"
+            log(f"lossless mode: {drafts} LoRA drafts per cycle, verified by one pass of the full model")
         elif args.refresh == "adaptive":
             threshold = adaptive.AdaptiveRefresh.threshold if args.threshold is None else args.threshold
             log(f"adaptive refresh: top-1 probability <= {threshold}, or {args.max_interval or s.period} steps since the last refresh")

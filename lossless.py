@@ -3,6 +3,7 @@ Lossless LoRA-Drop: LoRA steps draft tokens and the full model verifies them (se
 
     python generate.py --lossless                       # greedy: the same text as plain decoding
     python generate.py --lossless --temperature 0.8     # sampling: the full model's distribution
+    python generate.py --lossless --adaptive-drafts     # fewer drafts while they are rejected
     python bench.py --lossless-suite                    # speed and acceptance rate on 24 prompts
 
 One cycle, with refresh period k. At its start, every layer's KV cache contains positions
@@ -39,6 +40,17 @@ temperature, top-k and top-p, draft d passes with probability min(1, p(d) / q(d)
 rejected draft is replaced by a sample from max(0, p - q), normalised, and after all drafts pass the
 bonus token is sampled from p. Each emitted token then has exactly the distribution p, so the
 output follows the full model's distribution.
+
+Adaptive draft length (`adaptive_drafts=True`, `generate.py --lossless --adaptive-drafts`). A
+cycle may draft fewer than k - 1 tokens, and a cycle with no draft is one plain decode step.
+The first cycle drafts one token. After a cycle in which every draft passed, the next cycle drafts one more, up to k - 1. After a
+rejection, the next cycle drafts as many as were accepted. When that is none, the following
+cycles draft nothing: first 1 of them, then 2, 4 and so on up to MAX_BACKOFF after each further
+failed probe, and then one cycle probes with a single draft. A cycle with an accepted draft
+halves the backoff, so a lucky draft now and then does not bring back frequent probes. With
+drafts that always fail, lossless mode thus costs about what plain decoding costs, instead of k
+passes per token. The draft length depends only on earlier acceptances, so
+greedy output and the sampled distribution stay exact.
 """
 
 import statistics
@@ -50,13 +62,17 @@ import torch
 from lora_drop import check_sampling, generate, prompt_tensor, sampling_probs
 
 
+MAX_BACKOFF = 64  # adaptive draft length: the most cycles without drafts between two probes
+
+
 @dataclass
 class LosslessStats:
     """Counts from lossless decoding, summed over every call that is given the same object."""
 
-    cycles: int = 0  # draft-and-verify cycles run
+    cycles: int = 0  # verification passes run, including those of cycles without drafts
     drafted: int = 0  # draft tokens proposed by LoRA steps
     accepted: int = 0  # draft tokens the full model accepted
+    undrafted: int = 0  # cycles with no draft (adaptive draft length): plain decode steps
 
     @property
     def acceptance_rate(self):
@@ -73,9 +89,44 @@ class LosslessStats:
             "cycles": self.cycles,
             "drafted": self.drafted,
             "accepted": self.accepted,
+            "undrafted": self.undrafted,
             "acceptance_rate": self.acceptance_rate,
             "tokens_per_cycle": self.tokens_per_cycle,
         }
+
+
+class DraftLength:
+    """The adaptive draft length rule of the module docstring: how many drafts the next cycle makes."""
+
+    def __init__(self, max_drafts, max_backoff=MAX_BACKOFF):
+        self.max_drafts = max_drafts
+        self.max_backoff = max_backoff
+        self.n = min(1, max_drafts)  # drafts per cycle while drafting works; 0 means backing off
+        self.wait = 0  # cycles without drafts left before the next probe
+        self.backoff = 1  # the wait after the next failed probe
+
+    def next(self):
+        """Return the number of drafts for the next cycle."""
+        if self.n > 0:
+            return self.n
+        if self.wait > 0:
+            self.wait -= 1
+            return 0
+        return 1  # probe
+
+    def update(self, n_drafted, n_accepted):
+        """Record a cycle's outcome."""
+        if n_drafted == 0:
+            return
+        if n_accepted > 0:
+            self.backoff = max(1, self.backoff // 2)
+        if n_accepted == n_drafted:
+            self.n = min(self.max_drafts, n_drafted + 1)
+            return
+        self.n = n_accepted
+        if self.n == 0:
+            self.wait = self.backoff
+            self.backoff = min(2 * self.backoff, self.max_backoff)
 
 
 def accept_drafts(drafts, draft_probs, target_logits, temperature, top_k=None, top_p=None, generator=None):
@@ -138,11 +189,12 @@ def _draft(model, cache, drop, token, n_draft, temperature, top_k, top_p, genera
 
 @torch.no_grad()
 def generate_lossless(model, prompt, max_new_tokens, drop, temperature=0.0, top_k=None, top_p=None,
-                      generator=None, stop_ids=(), cache=None, stats=None):
+                      generator=None, stop_ids=(), cache=None, stats=None, adaptive_drafts=False):
     """Yield new token ids (ints) for one prompt, drafting with LoRA steps and verifying with the full model.
 
     Greedy output equals `lora_drop.generate(model, prompt, ..., drop=None)`; sampled output
-    follows the full model's distribution. Each cycle drafts drop.schedule.period - 1 tokens.
+    follows the full model's distribution. Each cycle drafts drop.schedule.period - 1 tokens, or
+    with adaptive_drafts=True between 0 and that many (see the module docstring).
     cache: optional, from model.new_cache with full capacity (drop=None) for
     len(prompt) + max_new_tokens positions. Afterwards it contains what plain decoding's cache
     contains. stats: an optional LosslessStats that receives the cycle counts.
@@ -158,7 +210,7 @@ def generate_lossless(model, prompt, max_new_tokens, drop, temperature=0.0, top_
         cache = model.new_cache(1, P + max_new_tokens, drop=None)
     check_full_cache(cache, P + max_new_tokens)
     stats = stats if stats is not None else LosslessStats()
-    n_draft = drop.schedule.period - 1
+    lengths = DraftLength(drop.schedule.period - 1) if adaptive_drafts else None
 
     logits = model.prefill(idx, cache, drop)  # every layer runs; the anchors sit at position P-1
     if temperature == 0:
@@ -172,6 +224,7 @@ def generate_lossless(model, prompt, max_new_tokens, drop, temperature=0.0, top_
 
     while True:
         n = cache.next_pos  # positions in the cache; `token` goes to position n
+        n_draft = lengths.next() if lengths else drop.schedule.period - 1
         drafts, draft_probs = _draft(model, cache, drop, token, min(n_draft, max_new_tokens - n_emitted),
                                      temperature, top_k, top_p, generator, stop_ids)
 
@@ -183,6 +236,9 @@ def generate_lossless(model, prompt, max_new_tokens, drop, temperature=0.0, top_
         stats.cycles += 1
         stats.drafted += len(drafts)
         stats.accepted += n_accepted
+        stats.undrafted += not drafts
+        if lengths:
+            lengths.update(len(drafts), n_accepted)
 
         # Keep the fed token and the accepted drafts: positions n .. n + n_accepted.
         cache.truncate(n + 1 + n_accepted)
@@ -243,7 +299,7 @@ def _timed_decode(tokens_iter, sync):
     return ids, time.perf_counter() - t_first
 
 
-def run_prompt_suite(model, tokenizer, drop, max_new_tokens=64, prompts=SUITE_PROMPTS, log=print):
+def run_prompt_suite(model, tokenizer, drop, max_new_tokens=64, prompts=SUITE_PROMPTS, log=print, adaptive_drafts=False):
     """Decode every prompt greedily with the plain model and in lossless mode; return a summary dict.
 
     Both runs decode exactly max_new_tokens tokens (end-of-sequence is ignored) and are timed
@@ -262,7 +318,7 @@ def run_prompt_suite(model, tokenizer, drop, max_new_tokens=64, prompts=SUITE_PR
 
     warm = encode(prompts[0])
     list(generate(model, warm, min(8, max_new_tokens)))
-    list(generate_lossless(model, warm, min(8, max_new_tokens), drop))
+    list(generate_lossless(model, warm, min(8, max_new_tokens), drop, adaptive_drafts=adaptive_drafts))
 
     total = LosslessStats()
     rows = []
@@ -271,7 +327,8 @@ def run_prompt_suite(model, tokenizer, drop, max_new_tokens=64, prompts=SUITE_PR
         prompt_ids = encode(text)
         plain_ids, plain_s = _timed_decode(generate(model, prompt_ids, max_new_tokens), sync)
         stats = LosslessStats()
-        ids, lossless_s = _timed_decode(generate_lossless(model, prompt_ids, max_new_tokens, drop, stats=stats), sync)
+        lossless_ids = generate_lossless(model, prompt_ids, max_new_tokens, drop, stats=stats, adaptive_drafts=adaptive_drafts)
+        ids, lossless_s = _timed_decode(lossless_ids, sync)
         n_decode = max_new_tokens - 1
         row = {
             "prompt": text,
@@ -287,6 +344,7 @@ def run_prompt_suite(model, tokenizer, drop, max_new_tokens=64, prompts=SUITE_PR
         total.cycles += stats.cycles
         total.drafted += stats.drafted
         total.accepted += stats.accepted
+        total.undrafted += stats.undrafted
         log(f"{j:6d} {row['plain_tokens_per_s']:12.1f} {row['lossless_tokens_per_s']:15.1f} {row['ratio']:6.2f} "
             f"{row['acceptance_rate']:7.2f} {row['tokens_per_cycle']:10.2f} {'yes' if row['same_output'] else 'NO':>5}")
 
@@ -294,14 +352,16 @@ def run_prompt_suite(model, tokenizer, drop, max_new_tokens=64, prompts=SUITE_PR
         "prompts": len(rows),
         "new_tokens": max_new_tokens,
         "period": drop.schedule.period,
+        "adaptive_drafts": adaptive_drafts,
         "ratio_total": sum(r["plain_s"] for r in rows) / sum(r["lossless_s"] for r in rows),
         "ratio_median": statistics.median(r["ratio"] for r in rows),
         **total.summary(),
         "different_outputs": sum(not r["same_output"] for r in rows),
         "rows": rows,
     }
+    drafting = f", adaptive draft length: {total.undrafted} of {total.cycles} cycles without drafts" if adaptive_drafts else ""
     log(f"lossless / plain decode speed: {summary['ratio_total']:.2f}x over all prompts, "
         f"median {summary['ratio_median']:.2f}x; acceptance rate {summary['acceptance_rate']:.2f}, "
-        f"{summary['tokens_per_cycle']:.2f} tokens per cycle (period {summary['period']}); "
+        f"{summary['tokens_per_cycle']:.2f} tokens per cycle (period {summary['period']}{drafting}); "
         f"{summary['different_outputs']} of {len(rows)} prompts gave text different from plain greedy")
     return summary

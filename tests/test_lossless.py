@@ -86,7 +86,8 @@ def record_cycles(monkeypatch, drafts_out=None):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("period", [2, 3, 8])
-def test_greedy_equals_plain(family, period, monkeypatch):
+@pytest.mark.parametrize("adaptive_drafts", [False, True], ids=["fixed-drafts", "adaptive-drafts"])
+def test_greedy_equals_plain(family, period, adaptive_drafts, monkeypatch):
     model = tiny_model(family)
     drop = random_drop(model, period)
     cycles = record_cycles(monkeypatch)
@@ -94,7 +95,8 @@ def test_greedy_equals_plain(family, period, monkeypatch):
     for seed, prompt_len in [(0, 1), (1, 5), (2, 12)]:
         prompt = random_prompt(prompt_len, seed)
         expected = list(generate(model, prompt, 40))
-        assert list(generate_lossless(model, prompt, 40, drop, stats=stats)) == expected, f"prompt {prompt}"
+        ours = generate_lossless(model, prompt, 40, drop, stats=stats, adaptive_drafts=adaptive_drafts)
+        assert list(ours) == expected, f"prompt {prompt}"
 
     assert stats.cycles == len(cycles)
     assert stats.drafted == sum(m for _, m in cycles)
@@ -136,6 +138,63 @@ def test_greedy_equals_plain_other_reuse(reuse):
     drop = random_drop(model, 4, reuse=reuse, layers="1,3,4")
     prompt = random_prompt(6, seed=4)
     assert list(generate_lossless(model, prompt, 30, drop)) == list(generate(model, prompt, 30))
+
+
+def test_draft_length_rule():
+    lengths = lossless.DraftLength(3, max_backoff=4)
+    seen = []
+
+    def cycle(accepted):
+        """Run one cycle that accepts min(accepted, drafted) drafts; record the draft length."""
+        n = lengths.next()
+        seen.append(n)
+        lengths.update(n, min(accepted, n))
+
+    for _ in range(12):
+        cycle(0)
+    # The first draft fails; then waits of 1, 2, 4, 4 cycles (capped) without drafts, each followed by a failed probe.
+    assert seen == [1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+    seen.clear()
+    for _ in range(3):
+        cycle(0)
+    for _ in range(4):
+        cycle(99)
+    # The wait of 4 ends, the probe passes, and the length grows back to the maximum.
+    assert seen == [0, 0, 0, 1, 2, 3, 3]
+    cycle(1)
+    cycle(0)
+    cycle(0)
+    # 3 drafts with 1 accepted leave 1; its failure backs off for only 1 cycle, as the acceptances halved the backoff.
+    assert seen[-3:] == [3, 1, 0]
+    assert lengths.next() == 1
+
+
+def test_draft_length_lucky_draft_halves_backoff():
+    lengths = lossless.DraftLength(1, max_backoff=8)
+    for n_drafted in [1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1]:
+        assert lengths.next() == n_drafted
+        lengths.update(n_drafted, 0)
+    assert lengths.backoff == 8 and lengths.wait == 8
+    for _ in range(8):
+        assert lengths.next() == 0
+    assert lengths.next() == 1
+    lengths.update(1, 1)  # a lucky probe: the next cycle drafts again
+    assert lengths.next() == 1
+    lengths.update(1, 0)  # its failure waits half the longest backoff, not one cycle
+    assert [lengths.next() for _ in range(5)] == [0, 0, 0, 0, 1]
+
+
+def test_adaptive_drafts_stop_drafting_when_drafts_fail(monkeypatch):
+    model = tiny_model("llama", seed=3)
+    drop = random_drop(model, 8, scale=3.0)  # large random correctors: almost every draft is wrong
+    prompt = random_prompt(6, seed=4)
+    expected = list(generate(model, prompt, 100))
+    fixed, adapted = LosslessStats(), LosslessStats()
+    assert list(generate_lossless(model, prompt, 100, drop, stats=fixed)) == expected
+    assert list(generate_lossless(model, prompt, 100, drop, stats=adapted, adaptive_drafts=True)) == expected
+    assert fixed.acceptance_rate < 0.2, "the drafts are too good for this test"
+    assert adapted.undrafted > adapted.cycles / 2
+    assert adapted.drafted < fixed.drafted / 5
 
 
 def test_period_one_has_no_drafts():
@@ -255,7 +314,8 @@ def chi_square_bound(df, z=4.753):
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-def test_sampling_distribution_equals_full_model():
+@pytest.mark.parametrize("adaptive_drafts", [False, True], ids=["fixed-drafts", "adaptive-drafts"])
+def test_sampling_distribution_equals_full_model(adaptive_drafts):
     """The first three sampled tokens follow the full model's joint distribution.
 
     Vocabulary 8, so the joint distribution of three tokens has 512 cells and is computed
@@ -294,7 +354,8 @@ def test_sampling_distribution_equals_full_model():
     counts = torch.zeros(vocab, vocab, vocab)
     stats = LosslessStats()
     for _ in range(n_draws):
-        a, b, c = generate_lossless(model, prompt, 3, drop, temperature, top_k, generator=generator, stats=stats)
+        a, b, c = generate_lossless(model, prompt, 3, drop, temperature, top_k, generator=generator, stats=stats,
+                                    adaptive_drafts=adaptive_drafts)
         counts[a, b, c] += 1
 
     observed, expected = counts.flatten(), exact * n_draws
@@ -403,6 +464,25 @@ def test_cli_lossless_equals_plain(fake_model, capsys):
     assert ours["kv_bytes"] == ours["kv_bytes_all_positions"]
 
 
+def test_cli_lossless_adaptive_drafts_equals_plain(fake_model, capsys):
+    base = ["--raw", "--prompt", "a slow green turtle", "--max-new-tokens", "16", "--device", "cpu", "--json"]
+    gen.main(base + ["--no-drop"])
+    plain = last_json(capsys)
+    gen.main(base + ["--lossless", "--adaptive-drafts", "--period", "4"])
+    captured = capsys.readouterr()
+    ours = json.loads(captured.out.strip().splitlines()[-1])
+    assert ours["text"] == plain["text"]
+    assert ours["cycles"] > 0 and "undrafted" in ours
+    assert "0 to 3 (adaptive) LoRA drafts per cycle" in captured.err
+
+
+def test_cli_adaptive_drafts_without_lossless_exits(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gen.parse_args(["--adaptive-drafts"])
+    assert exit_info.value.code == 2
+    assert "--adaptive-drafts sets the draft length of lossless mode; add --lossless" in capsys.readouterr().err
+
+
 def test_cli_compare_lossless(fake_model, capsys):
     summary = gen.main(["--raw", "--prompt", "hello there", "--max-new-tokens", "12", "--device", "cpu",
                         "--compare", "--lossless", "--period", "4"])
@@ -453,6 +533,10 @@ def test_prompt_suite_on_tiny_model():
     assert summary["ratio_total"] > 0
     assert summary["drafted"] > 0
     assert len(lines) == 5  # header, one line per prompt, summary
+    adapted = run_prompt_suite(model, FakeTokenizer(VOCAB), drop, max_new_tokens=6,
+                               prompts=lossless.SUITE_PROMPTS[:3], log=lines.append, adaptive_drafts=True)
+    assert adapted["adaptive_drafts"] and adapted["different_outputs"] == 0
+    assert "adaptive draft length" in lines[-1]
 
 
 def test_prompt_suite_has_twenty_varied_prompts():
