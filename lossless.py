@@ -41,16 +41,16 @@ rejected draft is replaced by a sample from max(0, p - q), normalised, and after
 bonus token is sampled from p. Each emitted token then has exactly the distribution p, so the
 output follows the full model's distribution.
 
-Adaptive draft length (`adaptive_drafts=True`, `generate.py --lossless --adaptive-drafts`). A
-cycle may draft fewer than k - 1 tokens, and a cycle with no draft is one plain decode step.
-The first cycle drafts one token. After a cycle in which every draft passed, the next cycle drafts one more, up to k - 1. After a
-rejection, the next cycle drafts as many as were accepted. When that is none, the following
-cycles draft nothing: first 1 of them, then 2, 4 and so on up to MAX_BACKOFF after each further
-failed probe, and then one cycle probes with a single draft. A cycle with an accepted draft
-halves the backoff, so a lucky draft now and then does not bring back frequent probes. With
-drafts that always fail, lossless mode thus costs about what plain decoding costs, instead of k
-passes per token. The draft length depends only on earlier acceptances, so
-greedy output and the sampled distribution stay exact.
+Adaptive draft length (`adaptive_drafts=True`, `generate.py --lossless --adaptive-drafts`).
+A cycle may draft fewer than k - 1 tokens, and a cycle with no draft is one plain decode step.
+The first cycle drafts one token. After a cycle in which every draft passed, the next cycle
+drafts one more, up to k - 1. After a rejection, the next cycle drafts as many as were
+accepted. When no draft was accepted, the mode backs off: it runs cycles without drafts, 1 the
+first time, then 2, 4 and so on up to MAX_BACKOFF, and after each such wait one cycle probes
+with a single draft. A cycle with an accepted draft halves the backoff, so a lucky draft now
+and then does not bring back frequent probes. With drafts that always fail, lossless mode thus
+costs about what plain decoding costs, instead of k passes per token. The draft length depends
+only on earlier acceptances, so greedy output and the sampled distribution stay exact.
 """
 
 import statistics

@@ -169,12 +169,13 @@ def test_draft_length_rule():
     assert lengths.next() == 1
 
 
-def test_draft_length_lucky_draft_halves_backoff():
+def test_draft_length_lucky_probe():
     lengths = lossless.DraftLength(1, max_backoff=8)
     for n_drafted in [1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1]:
         assert lengths.next() == n_drafted
         lengths.update(n_drafted, 0)
-    assert lengths.backoff == 8 and lengths.wait == 8
+    assert lengths.backoff == 8
+    assert lengths.wait == 8
     for _ in range(8):
         assert lengths.next() == 0
     assert lengths.next() == 1
@@ -184,7 +185,7 @@ def test_draft_length_lucky_draft_halves_backoff():
     assert [lengths.next() for _ in range(5)] == [0, 0, 0, 0, 1]
 
 
-def test_adaptive_drafts_stop_drafting_when_drafts_fail(monkeypatch):
+def test_adaptive_drafts_back_off():
     model = tiny_model("llama", seed=3)
     drop = random_drop(model, 8, scale=3.0)  # large random correctors: almost every draft is wrong
     prompt = random_prompt(6, seed=4)
@@ -472,7 +473,8 @@ def test_cli_lossless_adaptive_drafts_equals_plain(fake_model, capsys):
     captured = capsys.readouterr()
     ours = json.loads(captured.out.strip().splitlines()[-1])
     assert ours["text"] == plain["text"]
-    assert ours["cycles"] > 0 and "undrafted" in ours
+    assert ours["cycles"] > 0
+    assert "undrafted" in ours
     assert "0 to 3 (adaptive) LoRA drafts per cycle" in captured.err
 
 
