@@ -9,7 +9,7 @@ Generate text with the plain model or with LoRA-Drop decoding.
     python generate.py --compare --max-new-tokens 256    # plain vs LoRA-Drop: speed, KV bytes, agreement
     python generate.py --lossless                        # LoRA steps draft, the full model verifies: plain output
     python generate.py --refresh adaptive --threshold 0.5 --max-interval 8   # refresh when the model is unsure
-    python generate.py --model path/to/hf_dir --raw      # a Hugging Face GPT-2 or Llama checkpoint
+    python generate.py --model path/to/hf_dir --raw      # a Hugging Face GPT-2/Llama/Mistral/Qwen2 checkpoint
 
 Only generated text goes to stdout, as it is generated; timing and diagnostics go to
 stderr. With --json the last stdout line is one JSON object for scripts.
@@ -122,15 +122,18 @@ def build_drop(model, args, log):
     if ckpt is not None:
         drop, meta = lora_drop.load_correctors(ckpt, model)
         source = f"correctors from {os.path.relpath(ckpt)}"
-        if args.period or args.layers or args.reuse:
+        if args.period is not None or args.layers is not None or args.reuse is not None:
             # Overriding the schedule keeps the trained correctors of layers that stay droppable.
             base = drop.schedule
             schedule = Schedule.make(
                 model.config.n_layer,
                 args.layers if args.layers is not None else list(base.layers),
-                args.period or base.period,
-                args.reuse or base.reuse,
+                args.period if args.period is not None else base.period,
+                args.reuse if args.reuse is not None else base.reuse,
             )
+            if schedule != base:
+                log(f"note: the correctors were trained for period {base.period}, reuse {base.reuse} and "
+                    f"{len(base.layers)} droppable layers; with another schedule their quality is not measured")
             trained = drop.correctors
             drop = LoRADrop(model.config, schedule, rank=drop.rank, alpha=drop.alpha).to(model.tok_emb.weight)
             for name, corrector in drop.correctors.items():
@@ -140,7 +143,8 @@ def build_drop(model, args, log):
             if untrained:
                 log(f"note: layers {', '.join(untrained)} have no trained corrector in the checkpoint; they use zero correctors")
         return drop, source
-    schedule = Schedule.make(model.config.n_layer, args.layers, args.period or 8, args.reuse or "state")
+    schedule = Schedule.make(model.config.n_layer, args.layers, 8 if args.period is None else args.period,
+                             "state" if args.reuse is None else args.reuse)
     log(
         "warning: no corrector checkpoint, so the correctors are untrained (zero) and quality will suffer; "
         "train them with train_correctors.py and pass --ckpt"

