@@ -384,8 +384,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, pretrained.DefaultModelUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    gen.run_cli(main)

@@ -162,7 +162,8 @@ def start_decoding(model, prompt_ids, args, drop, generator, stop_ids):
     sampling = (args.temperature, args.top_k, args.top_p, generator, stop_ids)
     if drop is not None and args.lossless:
         cache, stats = model.new_cache(1, P + n, drop=None), lossless.LosslessStats()
-        tokens = lossless.generate_lossless(model, prompt_ids, n, drop, *sampling, cache, stats, args.adaptive_drafts)
+        tokens = lossless.generate_lossless(model, prompt_ids, n, drop, *sampling, cache, stats,
+                                            adaptive_drafts=args.adaptive_drafts)
         return tokens, cache, stats
     if drop is not None and args.refresh == "adaptive":
         threshold = adaptive.AdaptiveRefresh.threshold if args.threshold is None else args.threshold
@@ -319,9 +320,14 @@ def main(argv=None):
     return summary
 
 
-if __name__ == "__main__":
+def run_cli(main_function):
+    """Run a script's main(); print the errors bad input raises as one line and exit with status 1."""
     try:
-        main()
+        main_function()
     except (ValueError, FileNotFoundError, pretrained.DefaultModelUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
