@@ -62,7 +62,7 @@ import torch
 from lora_drop import check_sampling, generate, prompt_tensor, sampling_probs
 
 
-MAX_BACKOFF = 64  # adaptive draft length: the most cycles without drafts between two probes
+MAX_BACKOFF = 64  # adaptive draft length: maximum number of cycles without drafts between two probes
 
 
 @dataclass
@@ -72,7 +72,7 @@ class LosslessStats:
     cycles: int = 0  # verification passes run, including those of cycles without drafts
     drafted: int = 0  # draft tokens proposed by LoRA steps
     accepted: int = 0  # draft tokens the full model accepted
-    undrafted: int = 0  # cycles with no draft (adaptive draft length): plain decode steps
+    undrafted: int = 0  # cycles with no draft (backing off, or period 1): plain decode steps
 
     @property
     def acceptance_rate(self):
@@ -96,19 +96,19 @@ class LosslessStats:
 
 
 class DraftLength:
-    """The adaptive draft length rule of the module docstring: how many drafts the next cycle makes."""
+    """Adaptive draft length rule (see the module docstring): the number of drafts for each next cycle."""
 
     def __init__(self, max_drafts, max_backoff=MAX_BACKOFF):
         self.max_drafts = max_drafts
         self.max_backoff = max_backoff
-        self.n = min(1, max_drafts)  # drafts per cycle while drafting works; 0 means backing off
+        self.length = min(1, max_drafts)  # drafts per cycle while drafting pays; 0 while backing off
         self.wait = 0  # cycles without drafts left before the next probe
         self.backoff = 1  # the wait after the next failed probe
 
     def next(self):
         """Return the number of drafts for the next cycle."""
-        if self.n > 0:
-            return self.n
+        if self.length > 0:
+            return self.length
         if self.wait > 0:
             self.wait -= 1
             return 0
@@ -121,10 +121,10 @@ class DraftLength:
         if n_accepted > 0:
             self.backoff = max(1, self.backoff // 2)
         if n_accepted == n_drafted:
-            self.n = min(self.max_drafts, n_drafted + 1)
+            self.length = min(self.max_drafts, n_drafted + 1)
             return
-        self.n = n_accepted
-        if self.n == 0:
+        self.length = n_accepted
+        if self.length == 0:
             self.wait = self.backoff
             self.backoff = min(2 * self.backoff, self.max_backoff)
 
@@ -236,7 +236,8 @@ def generate_lossless(model, prompt, max_new_tokens, drop, temperature=0.0, top_
         stats.cycles += 1
         stats.drafted += len(drafts)
         stats.accepted += n_accepted
-        stats.undrafted += not drafts
+        if not drafts:
+            stats.undrafted += 1
         if lengths:
             lengths.update(len(drafts), n_accepted)
 

@@ -146,14 +146,14 @@ def test_draft_length_rule():
     seen = []
 
     def cycle(accepted):
-        """Run one cycle that accepts min(accepted, drafted) drafts; record the draft length."""
+        """Run one cycle that accepts min(accepted, drafted) drafts, and record its draft length."""
         n = lengths.next()
         seen.append(n)
         lengths.update(n, min(accepted, n))
 
     for _ in range(12):
         cycle(0)
-    # The first draft fails; then waits of 1, 2, 4, 4 cycles (capped) without drafts, each followed by a failed probe.
+    # The first draft fails. Then come waits of 1, 2, 4 and 4 (capped) cycles without drafts, each ending in a failed probe.
     assert seen == [1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0]
     seen.clear()
     for _ in range(3):
@@ -165,7 +165,7 @@ def test_draft_length_rule():
     cycle(1)
     cycle(0)
     cycle(0)
-    # 3 drafts with 1 accepted leave 1; its failure backs off for only 1 cycle, as the acceptances halved the backoff.
+    # 3 drafts with 1 accepted leave 1. Its failure backs off for only 1 cycle, because the acceptances halved the backoff.
     assert seen[-3:] == [3, 1, 0]
     assert lengths.next() == 1
 
@@ -559,7 +559,8 @@ def test_prompt_suite_on_tiny_model():
     assert len(lines) == 5  # header, one line per prompt, summary
     adapted = run_prompt_suite(model, FakeTokenizer(VOCAB), drop, max_new_tokens=6,
                                prompts=lossless.SUITE_PROMPTS[:3], log=lines.append, adaptive_drafts=True)
-    assert adapted["adaptive_drafts"] and adapted["different_outputs"] == 0
+    assert adapted["adaptive_drafts"]
+    assert adapted["different_outputs"] == 0
     assert "adaptive draft length" in lines[-1]
 
 
